@@ -1,0 +1,24 @@
+"""The `lookalike` command. Every command only calls the library."""
+
+from __future__ import annotations
+
+import typer
+
+from lookalike.cli import describe, models, system
+from lookalike.cli.common import configure_logging
+
+app = typer.Typer(
+    help="lookalike: find and recognise images by their content.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(models.app, name="models")
+app.command("describe")(describe.describe)
+app.command("classify")(describe.classify)
+app.command("system")(system.system)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens.")) -> None:
+    configure_logging(verbose)

@@ -1,0 +1,57 @@
+"""Typed errors raised by the library. The CLI decides how to show them; the library never prints or exits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class LookalikeError(Exception):
+    """Base class of every error lookalike raises on purpose."""
+
+
+class ImageError(LookalikeError):
+    """An image file could not be turned into pixels. ``path`` names the file, ``reason`` says why."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class UnsupportedImageError(ImageError):
+    """The file is not an image in a format lookalike reads (text, zero bytes, unknown container)."""
+
+
+class CorruptImageError(ImageError):
+    """The file claims to be an image but its data is truncated or broken."""
+
+
+class ImageTooLargeError(ImageError):
+    """The image has more pixels than the configured limit (decompression-bomb guard)."""
+
+
+class UnknownModelError(LookalikeError, KeyError):
+    """No registry entry has this name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown model"
+
+
+class WeightsError(LookalikeError):
+    """Pretrained weights could not be obtained, verified or loaded."""
+
+
+class WeightsNotAvailableError(WeightsError):
+    """The weights are not cached and no source could deliver them (offline, missing tool)."""
+
+
+class ChecksumError(WeightsError):
+    """A downloaded or cached file does not have the sha256 the registry expects."""
+
+
+class ConfigError(LookalikeError, ValueError):
+    """An option or combination of options is invalid."""
+
+
+class WhiteningError(LookalikeError):
+    """Whitening could not be fitted, applied or loaded (too few samples, shape mismatch, bad file)."""

