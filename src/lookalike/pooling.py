@@ -140,8 +140,8 @@ def rmac_regions(height: int, width: int, levels: int = 3) -> list[tuple[int, in
     Everything is computed in exact integer arithmetic. The floating-point versions (the authors' MATLAB
     code, cirtorch's float32) agree except at exact ties of the 40 % rule, which rounding breaks either way
     (on a 12 × 44 map 5 and 6 regions overlap by 1/3 and 7/15; we take 5, cirtorch 6), and where rounding
-    puts an integer offset just below itself (a 2 × 32 map's last 1 × 1 region ends a cell early in
-    cirtorch). 32 of the 4096 sizes up to 64 × 64 differ from cirtorch.
+    puts an integer offset just below itself (on a 2 × 32 map cirtorch's level-2 regions stop a cell
+    short of the right edge). 32 of the 4096 sizes up to 64 × 64 differ from cirtorch.
     """
     if levels < 1:
         raise ConfigError(f"R-MAC needs at least one level, got {levels}")
@@ -166,9 +166,9 @@ def rmac(x: Tensor, levels: int = 3, eps: float = 1e-6, include_global: bool = T
 
     With ``include_global`` (the default, as in cirtorch) the L2-normalised MAC of the whole map is added
     too, so on a square map, whose first region is the whole map, that vector counts twice. The paper and
-    the authors' code use only the regions, which ``include_global=False`` gives. The
-    paper also PCA-whitens each region vector before summing; here whitening is applied to the pooled
-    descriptor, as cirtorch's R-MAC layer does. L2 normalisation divides by ``norm + eps``.
+    the authors' code use only the regions, which ``include_global=False`` gives. The paper also
+    PCA-whitens each region vector before summing; here whitening is applied to the pooled descriptor, as
+    cirtorch's R-MAC layer does. L2 normalisation divides by ``norm + eps``.
     """
     _check_maps(x)
     regions = rmac_regions(x.shape[-2], x.shape[-1], levels)
@@ -254,7 +254,7 @@ class GeM(nn.Module):
         return f"p={self.p.detach().float().item():.4f}, eps={self.eps}, learnable={self.learnable}"
 
 
-# Each name's factory and the options build_pooling may pass to it.
+# Each pooling's factory; _OPTIONS lists the options build_pooling may pass to it.
 POOLINGS: Mapping[str, Callable[..., nn.Module]] = MappingProxyType(
     {
         "mac": MAC,

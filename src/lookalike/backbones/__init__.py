@@ -47,7 +47,9 @@ def build_backbone(arch: str) -> Backbone:
     try:
         factory = ARCHITECTURES[arch]
     except KeyError:
-        raise ConfigError(f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}") from None
+        raise ConfigError(
+            f"unknown architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}"
+        ) from None
     return factory()
 
 

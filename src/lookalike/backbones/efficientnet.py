@@ -23,12 +23,6 @@ from torch import nn
 
 from lookalike.backbones.base import Backbone
 from lookalike.errors import WeightsError
-from lookalike.registry import Preprocess
-
-# The TensorFlow lite recipe's input: RGB in 0..255, minus 127, divided by 128 (about -1..1). Checked on
-# skimage photos: it gives the most confident correct classes (coffee: espresso 0.96; torchvision's ImageNet
-# mean/std 0.84, BGR 0.88) and the closest match between stem activations and the stem BatchNorm statistics.
-EFFICIENTNET_LITE0_PREPROCESS = Preprocess(colour="RGB", scale=1.0, mean=(127.0,) * 3, std=(128.0,) * 3)
 
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280

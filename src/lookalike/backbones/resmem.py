@@ -9,7 +9,7 @@ two parts: ``features.*``, a complete torchvision-layout ResNet-152 including it
 ``strict=True``.
 
 ResMem feeds its network ``ToTensor()`` output without normalisation, and the ResNet was fine-tuned that
-way: it expects RGB scaled to 0..1 with no mean or std (``RESMEM_PREPROCESS``). Classification confirms it
+way: it expects RGB scaled to 0..1 with no mean or std (``registry.UNIT_RGB_PREPROCESS``). Classification confirms it
 (tests/test_backbones.py): with it, skimage's cat and coffee photos give Egyptian cat and espresso; with
 torchvision's ImageNet mean/std both come out as nonsense ("bubble", "water bottle").
 """
@@ -19,9 +19,6 @@ from __future__ import annotations
 import torch
 
 from lookalike.errors import WeightsError
-from lookalike.registry import Preprocess
-
-RESMEM_PREPROCESS = Preprocess(colour="RGB", scale=1 / 255, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 _PREFIX = "features."
 

@@ -59,7 +59,9 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(Backbone):
-    def __init__(self, depth: int, layout: ResNetLayout = TORCHVISION, num_classes: int | None = 1000) -> None:
+    def __init__(
+        self, depth: int, layout: ResNetLayout = TORCHVISION, num_classes: int | None = 1000
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=layout.conv_bias)
         self.bn1 = nn.BatchNorm2d(64, eps=layout.bn_eps)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from lookalike.cli.common import console, errors, print_json, progress_bar, reported_errors, wants_progress
 from lookalike.extract import MULTI_SCALES, SEED_MULTI_SCALES, DescriptorSettings, Extractor
-from lookalike.io import save_npz_atomic
+from lookalike.atomic import save_npz_atomic
 from lookalike.registry import DEFAULT_MODEL
 from lookalike.walk import expand_inputs
 
@@ -25,10 +25,14 @@ def parse_scales(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(part) for part in text.split(","))
     except ValueError:
-        raise typer.BadParameter(f"scales must be {', '.join(NAMED_SCALES)} or numbers like 1,0.707") from None
+        raise typer.BadParameter(
+            f"scales must be {', '.join(NAMED_SCALES)} or numbers like 1,0.707"
+        ) from None
 
 
-def settings_from_options(model: str, pooling: str, scales: str, imsize: int, precision: str) -> DescriptorSettings:
+def settings_from_options(
+    model: str, pooling: str, scales: str, imsize: int, precision: str
+) -> DescriptorSettings:
     return DescriptorSettings(
         model=model, pooling=pooling, scales=parse_scales(scales), imsize=imsize, precision=precision
     )
@@ -38,12 +42,16 @@ MODEL = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Registry name, see `l
 POOLING = typer.Option("gem", "--pooling", help="mac, spoc, rmac or gem.")
 SCALES = typer.Option("single", "--scales", help="single, ms (1,1/√2,1/2), seed-ms (1,√2,1/√2) or a list.")
 IMSIZE = typer.Option(1024, "--imsize", help="Long side cap in pixels; smaller images are not upscaled.")
-PRECISION = typer.Option("auto", "--precision", help="auto (bf16 where the CPU has it and it agrees), fp32, bf16.")
+PRECISION = typer.Option(
+    "auto", "--precision", help="auto (bf16 where the CPU has it and it agrees), fp32, bf16."
+)
 
 
 def describe(
     inputs: list[Path] = typer.Argument(..., help="Image files and folders (walked recursively)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output .npz with `vectors` (N, D) float32 and `paths`."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output .npz with `vectors` (N, D) float32 and `paths`."
+    ),
     model: str = MODEL,
     pooling: str = POOLING,
     scales: str = SCALES,
@@ -63,7 +71,9 @@ def describe(
             task = bar.add_task("describing", total=len(paths), rate="") if bar else None
             for done, result in enumerate(extractor.describe_files(paths, batch_size=batch_size), 1):
                 if result.vector is None:
-                    failed.append({"path": str(result.path), "error": result.error.reason if result.error else "?"})
+                    failed.append(
+                        {"path": str(result.path), "error": result.error.reason if result.error else "?"}
+                    )
                 else:
                     vectors.append(result.vector)
                     kept.append(str(result.path))

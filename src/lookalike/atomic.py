@@ -17,7 +17,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     """Write through the yielded handle; the target appears complete or not at all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(mode, dir=path.parent, prefix=f".{path.name}.", delete=False)
+    handle = tempfile.NamedTemporaryFile(mode, dir=path.parent, prefix=f".{path.name}.", delete=False)  # noqa: SIM115
     try:
         with handle:
             yield handle
