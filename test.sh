@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bash install.sh --no-demo
+# The weights install.sh pulls must be there: tests that need them fail instead of skipping.
+export LOOKALIKE_REQUIRE_WEIGHTS=${LOOKALIKE_MODELS:-"resnet50.keras-imagenet efficientnet-lite0.imagenet"}
 exec .venv/bin/python -m pytest "$@"

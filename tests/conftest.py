@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,13 @@ SAMPLE = Path(__file__).resolve().parents[1] / "src" / "lookalike" / "sample"
 
 
 def require_weights(name: str) -> None:
-    if not cache_path(get_model_config(name)).exists():
-        pytest.skip(f"weights of {name} are not cached here (run `lookalike models pull {name}`)")
+    """Skip when the weights are not cached, unless LOOKALIKE_REQUIRE_WEIGHTS lists them (then fail)."""
+    if cache_path(get_model_config(name)).exists():
+        return
+    message = f"weights of {name} are not cached here (run `lookalike models pull {name}`)"
+    if name in os.environ.get("LOOKALIKE_REQUIRE_WEIGHTS", "").split():
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")
