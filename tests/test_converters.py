@@ -118,7 +118,7 @@ def test_tfjs_reader_rejects_short_shards_and_unknown_names(tmp_path) -> None:
     (tmp_path / "m" / "group1-shard1of1.bin").write_bytes(b"\0" * 10)
     with pytest.raises(WeightsError, match="shards end"):
         read_tfjs_layers_model(tmp_path / "m")
-    with pytest.raises(WeightsError, match="not a TF.js"):
+    with pytest.raises(WeightsError, match=r"not a TF\.js"):
         read_tfjs_layers_model(tmp_path / "missing")
     with pytest.raises(WeightsError, match="unexpected Keras weight"):
         keras_resnet_state_dict({"mystery/kernel": np.ones(1, "f4")})
@@ -133,5 +133,11 @@ def test_cirtorch_feature_indices_map_to_resnet_names() -> None:
         "whiten.weight": torch.ones(1),
     }
     mapped = cirtorch_state_dict(state, "resnet101")
-    assert set(mapped) == {"conv1.weight", "bn1.running_var", "layer4.2.conv3.weight", "pool.p", "whiten.weight"}
+    assert set(mapped) == {
+        "conv1.weight",
+        "bn1.running_var",
+        "layer4.2.conv3.weight",
+        "pool.p",
+        "whiten.weight",
+    }
     assert set(cirtorch_state_dict(state, "vgg16")) == set(state)

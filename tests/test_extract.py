@@ -127,7 +127,9 @@ def test_small_images_are_not_upscaled(extractor) -> None:
 def test_bbox_crop_describes_only_the_box(extractor, real_photos) -> None:
     image = load_image(real_photos[0])
     box = (10, 20, 200, 180)
-    np.testing.assert_allclose(extractor.describe(image, bbox=box), extractor.describe(image.crop(box)), atol=1e-5)
+    np.testing.assert_allclose(
+        extractor.describe(image, bbox=box), extractor.describe(image.crop(box)), atol=1e-5
+    )
     assert float(extractor.describe(image, bbox=box) @ extractor.describe(image)) < 0.999
 
 

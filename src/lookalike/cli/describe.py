@@ -9,9 +9,9 @@ import numpy as np
 import typer
 from rich.table import Table
 
+from lookalike.atomic import save_npz_atomic
 from lookalike.cli.common import console, errors, print_json, progress_bar, reported_errors, wants_progress
 from lookalike.extract import MULTI_SCALES, SEED_MULTI_SCALES, DescriptorSettings, Extractor
-from lookalike.atomic import save_npz_atomic
 from lookalike.registry import DEFAULT_MODEL
 from lookalike.walk import expand_inputs
 
