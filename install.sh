@@ -22,5 +22,7 @@ fi
 if [ "${1:-}" != "--no-demo" ]; then
   .venv/bin/lookalike system
   .venv/bin/lookalike classify src/lookalike/sample/cat.jpg
-  .venv/bin/lookalike describe src/lookalike/sample -o .demo/sample-descriptors.npz
+  # The main job: index a folder of photos, then ask what looks like a query photo.
+  .venv/bin/lookalike index src/lookalike/sample --collection .demo/sample-collection
+  .venv/bin/lookalike search src/lookalike/sample/cat.jpg --collection .demo/sample-collection -k 5
 fi

@@ -55,3 +55,15 @@ class ConfigError(LookalikeError, ValueError):
 
 class WhiteningError(LookalikeError):
     """Whitening could not be fitted, applied or loaded (too few samples, shape mismatch, bad file)."""
+
+
+class CollectionError(LookalikeError):
+    """A collection is missing, damaged, locked by another writer, or used with other settings."""
+
+
+class SettingsMismatchError(CollectionError):
+    """Descriptors of different settings would be mixed in one collection."""
+
+
+class CollectionBusyError(CollectionError):
+    """Another process is writing to the collection."""

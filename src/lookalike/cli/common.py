@@ -22,8 +22,8 @@ from rich.progress import (
 
 from lookalike.errors import LookalikeError
 
-console = Console()
-errors = Console(stderr=True)
+console = Console(soft_wrap=not Console().is_terminal)
+errors = Console(stderr=True, soft_wrap=not Console(stderr=True).is_terminal)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lookalike.cli import describe, models, system
+from lookalike.cli import collections, describe, models, system
 from lookalike.cli.common import configure_logging
 
 app = typer.Typer(
@@ -16,6 +16,12 @@ app = typer.Typer(
 app.add_typer(models.app, name="models")
 app.command("describe")(describe.describe)
 app.command("classify")(describe.classify)
+app.command("index")(collections.index)
+app.command("search")(collections.search)
+app.command("info")(collections.info)
+app.command("remove")(collections.remove)
+app.command("export")(collections.export)
+app.add_typer(collections.whiten_app, name="whiten")
 app.command("system")(system.system)
 
 

@@ -1,0 +1,91 @@
+"""Searching a collection by image, file, indexed image or descriptor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from lookalike.collection import ann
+from lookalike.errors import CollectionError
+from lookalike.images import load_image
+
+if TYPE_CHECKING:
+    from lookalike.collection.collection import Collection, SearchHit
+
+Query = np.ndarray | Image.Image | int | str | Path
+BBox = tuple[float, float, float, float]
+
+
+def query_vector(collection: Collection, query: Query, bbox: BBox | None = None) -> np.ndarray:
+    """The raw ``(D,)`` descriptor of a query.
+
+    An ``int`` is an indexed image id; a path that is indexed and unchanged reuses its stored descriptor
+    (unless a ``bbox`` asks for a crop); any other file or a PIL image is described now.
+    """
+    if isinstance(query, np.ndarray):
+        vector = np.asarray(query, dtype=np.float32).reshape(-1)
+        if vector.shape[0] != collection.dim:
+            raise CollectionError(
+                f"query descriptor has dimension {vector.shape[0]}, the collection {collection.dim}"
+            )
+        return vector
+    if isinstance(query, bool):
+        raise CollectionError("a query is an image, a path, an image id or a descriptor")
+    if isinstance(query, int):
+        return collection.vector(query)
+    if isinstance(query, Image.Image):
+        return collection.extractor.describe(query.convert("RGB"), bbox=bbox)
+    path = Path(query)
+    record = collection.record(path)
+    if record is not None and record.row is not None and bbox is None and _unchanged(collection, record):
+        return collection.vector(record.id)
+    if not path.exists() and record is not None:
+        path = collection.absolute_path(record.path)
+    return collection.extractor.describe(load_image(path), bbox=bbox)
+
+
+def _unchanged(collection: Collection, record) -> bool:
+    try:
+        stat = collection.absolute_path(record.path).stat()
+    except OSError:
+        return True
+    return (stat.st_size, stat.st_mtime_ns) == (record.size, record.mtime_ns)
+
+
+def search_vectors(collection: Collection, raw: np.ndarray, k: int = 30) -> list[list[SearchHit]]:
+    """Top-``k`` hits for each raw descriptor row of ``raw`` (Q, D)."""
+    from lookalike.collection.collection import SearchHit
+
+    if k < 1:
+        raise CollectionError("k must be at least 1")
+    index = collection.index()
+    if index.ntotal == 0:
+        return [[] for _ in range(len(np.atleast_2d(raw)))]
+    scores, ids = ann.search(index, collection.prepare(np.atleast_2d(raw)), k)
+    records = collection.records([int(i) for i in np.unique(ids) if i >= 0])
+    results = []
+    for row_scores, row_ids in zip(scores, ids, strict=True):
+        hits = []
+        for score, image_id in zip(row_scores, row_ids, strict=True):
+            record = records.get(int(image_id))
+            if image_id >= 0 and record is not None:
+                hits.append(SearchHit(len(hits) + 1, int(image_id), record.path, float(score)))
+        results.append(hits)
+    return results
+
+
+def search(collection: Collection, query: Query, k: int = 30, bbox: BBox | None = None) -> list[SearchHit]:
+    return search_vectors(collection, query_vector(collection, query, bbox)[None], k)[0]
+
+
+def search_files(collection: Collection, paths: list[str | Path], k: int = 30) -> list[list[SearchHit]]:
+    results: list[list[SearchHit]] = [[] for _ in paths]
+    described = [r for r in collection.extractor.describe_files(paths) if r.vector is not None]
+    if described:
+        hits = search_vectors(collection, np.stack([r.vector for r in described]), k)
+        for result, found in zip(described, hits, strict=True):
+            results[result.index] = found
+    return results

@@ -1,0 +1,166 @@
+"""The collection's SQLite metadata: schema version, numbered migrations, and the queries the rest uses.
+
+One row per image file (path relative to the indexed root) and one row per distinct content (sha256) that
+owns a row of the vector file, so identical files are described and stored once.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from lookalike.errors import CollectionError
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE contents (
+        row INTEGER PRIMARY KEY,
+        sha256 TEXT NOT NULL UNIQUE
+    );
+    CREATE TABLE images (
+        id INTEGER PRIMARY KEY,
+        path TEXT NOT NULL UNIQUE,
+        size INTEGER NOT NULL,
+        mtime_ns INTEGER NOT NULL,
+        sha256 TEXT,
+        width INTEGER,
+        height INTEGER,
+        status TEXT NOT NULL CHECK (status IN ('ok', 'failed')),
+        error TEXT,
+        row INTEGER REFERENCES contents(row)
+    );
+    CREATE INDEX images_sha256 ON images(sha256);
+    CREATE INDEX images_row ON images(row);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str | None
+    width: int | None
+    height: int | None
+    status: str
+    error: str | None
+    row: int | None
+
+
+IMAGE_COLUMNS = "id, path, size, mtime_ns, sha256, width, height, status, error, row"
+
+
+def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    """A connection in WAL mode (readers never block the writer) with foreign keys on."""
+    if readonly:
+        uri = f"file:{path}?mode=ro"
+        connection = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+    else:
+        connection = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+    connection.execute("PRAGMA foreign_keys=ON")
+    return connection
+
+
+def schema_version(connection: sqlite3.Connection) -> int:
+    return int(connection.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(connection: sqlite3.Connection) -> None:
+    """Apply the numbered migrations this database has not seen, each in its own transaction."""
+    version = schema_version(connection)
+    if version > SCHEMA_VERSION:
+        raise CollectionError(
+            f"collection schema version {version} is newer than this lookalike ({SCHEMA_VERSION}); upgrade lookalike"
+        )
+    for number in range(version, SCHEMA_VERSION):
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            _run_script(connection, MIGRATIONS[number])
+            connection.execute(f"PRAGMA user_version = {number + 1}")
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+
+
+def _run_script(connection: sqlite3.Connection, script: str) -> None:
+    for statement in script.split(";"):
+        if statement.strip():
+            connection.execute(statement)
+
+
+def read_settings(connection: sqlite3.Connection) -> dict[str, object]:
+    return {key: json.loads(value) for key, value in connection.execute("SELECT key, value FROM settings")}
+
+
+def write_settings(connection: sqlite3.Connection, settings: dict[str, object]) -> None:
+    connection.executemany(
+        "INSERT INTO settings(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        [(key, json.dumps(value)) for key, value in settings.items()],
+    )
+
+
+def _record(row: tuple) -> ImageRecord:
+    return ImageRecord(*row)
+
+
+def all_images(connection: sqlite3.Connection) -> dict[str, ImageRecord]:
+    rows = connection.execute(f"SELECT {IMAGE_COLUMNS} FROM images")
+    return {record.path: record for record in map(_record, rows)}
+
+
+def images_by_ids(connection: sqlite3.Connection, ids: Iterable[int]) -> dict[int, ImageRecord]:
+    wanted = list(ids)
+    found: dict[int, ImageRecord] = {}
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        for row in connection.execute(f"SELECT {IMAGE_COLUMNS} FROM images WHERE id IN ({marks})", chunk):
+            found[row[0]] = _record(row)
+    return found
+
+
+def image_by_path(connection: sqlite3.Connection, path: str) -> ImageRecord | None:
+    row = connection.execute(f"SELECT {IMAGE_COLUMNS} FROM images WHERE path = ?", (path,)).fetchone()
+    return _record(row) if row else None
+
+
+def indexed_rows(connection: sqlite3.Connection) -> Iterator[tuple[int, int]]:
+    """(image id, vector row) of every image that has a descriptor, by id."""
+    yield from connection.execute("SELECT id, row FROM images WHERE status = 'ok' ORDER BY id")
+
+
+def content_row(connection: sqlite3.Connection, sha256: str) -> int | None:
+    row = connection.execute("SELECT row FROM contents WHERE sha256 = ?", (sha256,)).fetchone()
+    return int(row[0]) if row else None
+
+
+def next_row(connection: sqlite3.Connection) -> int:
+    return int(connection.execute("SELECT COALESCE(MAX(row) + 1, 0) FROM contents").fetchone()[0])
+
+
+def next_image_id(connection: sqlite3.Connection) -> int:
+    return int(connection.execute("SELECT COALESCE(MAX(id) + 1, 1) FROM images").fetchone()[0])
+
+
+def counts(connection: sqlite3.Connection) -> dict[str, int]:
+    result = {"ok": 0, "failed": 0}
+    for status, count in connection.execute("SELECT status, COUNT(*) FROM images GROUP BY status"):
+        result[status] = count
+    result["contents"] = int(connection.execute("SELECT COUNT(*) FROM contents").fetchone()[0])
+    return result
+
+
+def delete_images(connection: sqlite3.Connection, ids: Iterable[int]) -> None:
+    """Delete images, then every content row no image refers to any more."""
+    connection.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in ids])
+    connection.execute("DELETE FROM contents WHERE row NOT IN (SELECT row FROM images WHERE row IS NOT NULL)")
