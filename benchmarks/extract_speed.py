@@ -3,12 +3,14 @@
 Steps: environment → GEMM rate per precision → network FLOPs per input size → images/s per variant →
 fraction of the limit and speed-up over the naive loop → bf16/fp32 descriptor agreement → targets.
 
-* limit(precision) = FLOPs ÷ GEMM rate of that precision: the time the convolutions would take if they ran at
-  the speed of one large square matrix product. The GEMM rate is the better of ``torch.mm`` (MKL BLAS for fp32)
-  and the same product as a 1×1 convolution (oneDNN, which is what the network's convolutions use).
+* limit(precision) = FLOPs ÷ GEMM rate of that precision: the time the convolutions would take at the speed
+  of one large square matrix product. The rate is the better of ``torch.mm`` (MKL BLAS for fp32) and the same
+  product as a 1×1 convolution (oneDNN, which runs the network's convolutions), measured before and after.
 * FLOPs come from ``torch.utils.flop_counter`` (2 per multiply-add; convolutions and matrix products only).
 * Inputs are a real photo (holidays 100000.jpg turned landscape) resized to a 4:3 shape whose long side is
-  the size: 224 → 224×168, 512 → 512×384, 1024 → 1024×768 (W×H). Batches repeat that input.
+  the size: 224 → 224×168, 512 → 512×384, 1024 → 1024×768 (W×H). A batch repeats that input.
+* Each variant is built and warmed up on the input shape, then all variants are timed round-robin, one call
+  each per round, so a slow spell on a shared machine hits every variant alike. Medians are reported.
 
 Run: ``.venv/bin/python benchmarks/extract_speed.py [--sizes 224,512,1024] [--repeats N] [--quick]``.
 """
@@ -16,18 +18,21 @@ Run: ``.venv/bin/python benchmarks/extract_speed.py [--sizes 224,512,1024] [--re
 from __future__ import annotations
 
 import argparse
-import io
+import ctypes
 import json
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from contextlib import AbstractContextManager, ExitStack
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,6 +53,8 @@ PHOTO = "holidays-sample/100000.jpg"
 AGREEMENT_GLOBS = ("holidays-sample/*.jpg", "ukbench-sample/*.jpg")
 BATCH = 4
 TARGET_SIZE, TARGET_FRACTION, TARGET_SPEEDUP = 1024, 0.70, 2.0
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+HEADER = ["input", "GFLOP", "variant", "batch", "ms/image", "images/s", "% limit", "× naive", "cos", "note"]
 
 Call = Callable[[], object]
 Prepare = Callable[[torch.Tensor], Call]  # input batch → a call that runs the variant on it
@@ -68,6 +75,7 @@ class Row:
     variant: str
     precision: str
     batch: int
+    samples: list[float] = field(default_factory=list)
     setup_s: float | None = None
     first_call_s: float | None = None
     median_s: float | None = None
@@ -87,51 +95,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/extract_speed.json"))
     parser.add_argument("--data", type=Path, default=DATA, help="folder with holidays-/ukbench-sample")
-    parser.add_argument("--quick", action="store_true", help="smaller GEMM, no optional alternatives")
+    parser.add_argument("--quick", action="store_true", help="2048 GEMM, no optional alternatives")
+    parser.add_argument("--keep-heap", action="store_true", help="glibc: keep freed tensors in the heap")
     return parser.parse_args(argv)
 
 
-def median_seconds(call: Call, repeats: int) -> tuple[float, float, float]:
-    """(first call, median, best) wall-clock seconds of ``call``; the first call is the warm-up."""
-    start = time.perf_counter()
-    call()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times), min(times)
+def keep_heap() -> bool:
+    """Stop glibc from mmap-ing large tensors and trimming the heap, so freed activations are reused
+    instead of page-faulted in again on every forward pass (costs a higher resident peak)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except OSError:
+        return False
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
 
 
 # --- GEMM rate ----------------------------------------------------------------------------------------------
 
 
-def matmul_call(dtype: torch.dtype, n: int) -> Call:
+def gflops(call: Call, n: int, repeats: int) -> float:
+    call()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def gemm_calls(dtype: torch.dtype, n: int) -> dict[str, Call]:
+    """``torch.mm`` and the same n×n×n product as a channels-last 1×1 convolution over n pixels (oneDNN)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    return lambda: torch.mm(a, b)
-
-
-def onednn_call(dtype: torch.dtype, n: int) -> Call:
-    """The n×n×n product as a 1×1 convolution over n pixels, channels-last: oneDNN's GEMM kernels."""
     x = torch.randn(1, n, n // 64, 64).to(dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(n, n, 1, 1).to(dtype).contiguous(memory_format=torch.channels_last)
-
-    def run() -> object:
-        with torch.inference_mode():
-            return F.conv2d(x, w)
-
-    return run
-
-
-def int8_call(n: int) -> Call:
-    a = torch.randint(-128, 128, (n, n), dtype=torch.int8)
-    b = torch.randint(-128, 128, (n, n), dtype=torch.int8)
-    return lambda: torch._int_mm(a, b)
-
-
-def gflops(call: Call, n: int, repeats: int) -> float:
-    return 2 * n**3 / median_seconds(call, repeats)[1] / 1e9
+    return {"matmul": lambda: torch.mm(a, b), "onednn_conv1x1": lambda: F.conv2d(x, w)}
 
 
 def gemm_rates(n: int, repeats: int) -> dict[str, dict]:
@@ -139,16 +140,40 @@ def gemm_rates(n: int, repeats: int) -> dict[str, dict]:
     rates: dict[str, dict] = {}
     for precision in cpu_info().precisions:
         if precision == "int8":
-            try:
-                rates["int8"] = {"int_mm": gflops(int8_call(n), n, repeats)}
-                rates["int8"]["gflops"] = rates["int8"]["int_mm"]
-            except (RuntimeError, NotImplementedError) as exc:
-                rates["int8"] = {"gflops": None, "note": f"torch._int_mm unsupported: {exc}"[:200]}
+            rates["int8"] = int8_rate(n, repeats)
             continue
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        mm, conv = gflops(matmul_call(dtype, n), n, repeats), gflops(onednn_call(dtype, n), n, repeats)
-        rates[precision] = {"matmul": mm, "onednn_conv1x1": conv, "gflops": max(mm, conv)}
+        calls = gemm_calls(torch.bfloat16 if precision == "bf16" else torch.float32, n)
+        rates[precision] = {name: gflops(call, n, repeats) for name, call in calls.items()}
+        rates[precision]["gflops"] = max(rates[precision].values())
     return rates
+
+
+def int8_rate(n: int, repeats: int) -> dict:
+    a = torch.randint(-128, 128, (n, n), dtype=torch.int8)
+    try:
+        return {"gflops": gflops(lambda: torch._int_mm(a, a), n, repeats), "via": "torch._int_mm"}
+    except (RuntimeError, NotImplementedError) as exc:
+        return {"gflops": None, "note": f"torch._int_mm unsupported on this CPU build: {exc}"[:200]}
+
+
+def best_rates(start: dict[str, dict], end: dict[str, dict]) -> dict[str, dict]:
+    """Rates measured before and after the network runs; the limit uses the faster (the stricter limit)."""
+    best = {}
+    for precision, first in start.items():
+        values = [v for v in (first["gflops"], end[precision]["gflops"]) if v is not None]
+        best[precision] = {"start": first, "end": end[precision], "gflops": max(values, default=None)}
+    return best
+
+
+def busy_warning(rates: dict[str, dict]) -> str:
+    """Non-empty when the GEMM rates moved by more than 10 % during the run: the machine was not quiet."""
+    pairs = {p: (r["start"]["gflops"], r["end"]["gflops"]) for p, r in rates.items()}
+    moved = ", ".join(p for p, (a, b) in pairs.items() if a and b and abs(a / b - 1) > 0.10)
+    return f"GEMM rate of {moved} moved > 10 % during the run: figures unreliable" if moved else ""
+
+
+def rates_text(rates: dict[str, dict]) -> str:
+    return ", ".join(f"{p} {fmt(r['gflops'], '.0f')}" for p, r in rates.items()) + " GFLOP/s (int8: GOP/s)"
 
 
 # --- inputs and FLOPs ---------------------------------------------------------------------------------------
@@ -173,28 +198,17 @@ def count_flops(net: nn.Module, x: torch.Tensor) -> int:
 # --- variants -----------------------------------------------------------------------------------------------
 
 
-def naive(net: DescriptorNet) -> Prepare:
-    """cirtorch's extract_vectors: eager fp32, default memory format, under no_grad."""
+def under(
+    model: Callable[[torch.Tensor], object], *contexts: Callable[[], AbstractContextManager]
+) -> Prepare:
+    """Run ``model`` on the batch inside fresh ``contexts`` (no_grad, autocast, …)."""
 
     def prepare(x: torch.Tensor) -> Call:
         def run() -> object:
-            with torch.no_grad():
-                return net(x)
-
-        return run
-
-    return prepare
-
-
-def plain(net: nn.Module) -> Prepare:
-    return lambda x: lambda: net(x)
-
-
-def autocast_bf16(net: DescriptorNet) -> Prepare:
-    def prepare(x: torch.Tensor) -> Call:
-        def run() -> object:
-            with torch.autocast("cpu", dtype=torch.bfloat16), torch.inference_mode():
-                return net(x)
+            with ExitStack() as stack:
+                for context in contexts:
+                    stack.enter_context(context())
+                return model(x)
 
         return run
 
@@ -202,22 +216,17 @@ def autocast_bf16(net: DescriptorNet) -> Prepare:
 
 
 def jit_frozen(fast: InferenceNet) -> Prepare:
-    """TorchScript trace → freeze → optimize_for_inference (oneDNN conv+ReLU/add fusion)."""
+    """TorchScript trace → freeze → optimize_for_inference (folds, fuses conv+ReLU/add into oneDNN ops)."""
     module = DescriptorNet(fast.features, fast.pool, fast.whiten).eval()  # type: ignore[arg-type]
 
-    def prepare(x: torch.Tensor) -> Call:
-        def cast(t: torch.Tensor) -> torch.Tensor:
-            return t.to(fast.dtype).contiguous(memory_format=torch.channels_last)
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(fast.dtype).contiguous(memory_format=torch.channels_last)
 
+    def prepare(x: torch.Tensor) -> Call:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             script = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(module, cast(x))))
-
-        def run() -> object:
-            with torch.no_grad():
-                return script(cast(x))
-
-        return run
+        return under(lambda t: script(cast(t)), torch.no_grad)(x)
 
     return prepare
 
@@ -226,24 +235,23 @@ def compiled(fast: InferenceNet) -> Prepare:
     def prepare(x: torch.Tensor) -> Call:
         torch._dynamo.reset()
         module = torch.compile(fast, dynamic=False)
-        module(x)  # compile for this shape now, so setup_s holds the compile time
+        module(x)  # compile for this shape here, so setup_s holds the compile time
         return lambda: module(x)
 
     return prepare
 
 
 def onnxruntime_fp32(net: DescriptorNet) -> Prepare:
-    """The unfused fp32 network exported with torch.onnx (fixed shape); ORT folds and fuses on its own."""
+    """The unfused fp32 network exported by torch.onnx at a fixed shape; ORT folds and fuses on its own."""
     import onnxruntime as ort
 
     def prepare(x: torch.Tensor) -> Call:
-        buffer = io.BytesIO()
-        with warnings.catch_warnings():
+        with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(net, (x,), buffer, dynamo=False, input_names=["x"])
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+            torch.onnx.export(net, (x,), f"{folder}/net.onnx", dynamo=False, input_names=["x"])
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = torch.get_num_threads()
+            session = ort.InferenceSession(f"{folder}/net.onnx", options, providers=["CPUExecutionProvider"])
         pixels = x.numpy()
         return lambda: session.run(None, {"x": pixels})[0]
 
@@ -253,63 +261,79 @@ def onnxruntime_fp32(net: DescriptorNet) -> Prepare:
 def variants(net: DescriptorNet, default: str, quick: bool) -> list[Variant]:
     has_bf16 = cpu_info().has_bf16
     fast = {p: InferenceNet(net, p) for p in ("fp32", "bf16") if p == "fp32" or has_bf16}  # type: ignore[arg-type]
-    chosen = [Variant("naive fp32 (cirtorch loop)", "fp32", 1, naive(net))]
-    for precision, model in fast.items():
-        chosen += [Variant(f"lookalike {precision}", precision, b, plain(model)) for b in (1, BATCH)]
+    chosen = [Variant("naive fp32 (cirtorch loop)", "fp32", 1, under(net, torch.no_grad))]
+    for p, model in fast.items():
+        chosen += [Variant(f"lookalike {p}", p, batch, under(model)) for batch in (1, BATCH)]
     if quick:
         return chosen
     if has_bf16:
-        chosen.append(Variant("autocast bf16, unfused", "bf16", 1, autocast_bf16(net)))
+        autocast = under(net, torch.inference_mode, partial(torch.autocast, "cpu", dtype=torch.bfloat16))
+        chosen.append(Variant("autocast bf16, unfused", "bf16", 1, autocast))
     chosen += [Variant(f"jit freeze+optimize {p}", p, 1, jit_frozen(model)) for p, model in fast.items()]
     chosen.append(Variant(f"torch.compile {default}", default, 1, compiled(fast[default])))
     chosen.append(Variant("onnxruntime fp32", "fp32", 1, onnxruntime_fp32(net)))
     return chosen
 
 
+# --- timing -------------------------------------------------------------------------------------------------
+
+
 def as_array(output: object) -> np.ndarray:
     return np.asarray(output.float() if isinstance(output, torch.Tensor) else output, dtype=np.float32)
 
 
-def measure(variant: Variant, x: torch.Tensor, reference: np.ndarray, repeats: int, row: Row) -> Row:
-    """Fill ``row`` with the timings of ``variant`` on a batch of ``x``; a failure becomes a note."""
+def prepare(variant: Variant, x: torch.Tensor, reference: np.ndarray, row: Row) -> Call | None:
+    """Build ``variant`` for a batch of ``x`` and warm it up; a failure becomes the row's note."""
     try:
         start = time.perf_counter()
         call = variant.prepare(x.repeat(variant.batch, 1, 1, 1))
         row.setup_s = time.perf_counter() - start
-        row.cosine_vs_naive = float(np.min(as_array(call()) @ reference))
-        row.first_call_s, row.median_s, row.best_s = median_seconds(call, repeats)
+        start = time.perf_counter()
+        output = call()
+        row.first_call_s = time.perf_counter() - start
+        row.cosine_vs_naive = float(np.min(as_array(output) @ reference))
+        return call
     except Exception as exc:  # an optional backend that will not build or run is a finding, not a crash
         row.note = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
-    return row
+        return None
 
 
-def derive(row: Row, flops: int, rates: dict[str, dict], naive_per_image: float | None) -> Row:
-    if row.median_s is None:
-        return row
-    per_image = row.median_s / row.batch
-    row.ms_per_image, row.images_per_s = per_image * 1e3, 1 / per_image
-    rate = rates.get(row.precision, {}).get("gflops")
-    row.limit_fraction = flops / (rate * 1e9) / per_image if rate else None
-    row.speedup = naive_per_image / per_image if naive_per_image else None
-    return row
+def time_interleaved(calls: list[Call | None], rows: list[Row], repeats: int) -> None:
+    for _ in range(repeats):
+        for call, row in zip(calls, rows, strict=True):
+            if call is not None:
+                start = time.perf_counter()
+                call()
+                row.samples.append(time.perf_counter() - start)
 
 
-def run_size(
-    net: DescriptorNet, chosen: list[Variant], x: torch.Tensor, rates: dict[str, dict], repeats: int
-) -> tuple[int, list[Row]]:
-    """(FLOPs per image, one row per variant) at the input size of ``x``."""
-    size = max(x.shape[2:])
+def run_size(net: DescriptorNet, chosen: list[Variant], x: torch.Tensor, repeats: int) -> tuple[int, list]:
+    """(FLOPs per image, one timed row per variant) at the input shape of ``x``."""
     flops = count_flops(net, x)
     with torch.no_grad():
         reference = net(x)[0].numpy()
     shape = f"{x.shape[3]}×{x.shape[2]}"
-    rows = []
-    for variant in chosen:
-        row = Row(size, shape, variant.name, variant.precision, variant.batch)
-        rows.append(measure(variant, x, reference, repeats, row))
-        print(f"  {shape:>9}  {variant.name:<28} ×{variant.batch}  {row.median_s or 0:.3f} s  {row.note}")
-    naive_time = rows[0].median_s
-    return flops, [derive(r, flops, rates, naive_time) for r in rows]
+    rows = [Row(max(x.shape[2:]), shape, v.name, v.precision, v.batch) for v in chosen]
+    calls = [prepare(variant, x, reference, row) for variant, row in zip(chosen, rows, strict=True)]
+    time_interleaved(calls, rows, repeats)
+    for row in rows:
+        median = statistics.median(row.samples) if row.samples else None
+        print(f"  {shape:>9}  {row.variant:<28} ×{row.batch}  {fmt(median, '.3f')} s  {row.note}")
+    return flops, rows
+
+
+def derive(rows: list[Row], flops: dict[int, int], rates: dict[str, dict]) -> None:
+    """Per-image figures, fraction of the limit, and speed-up over the naive row of the same size."""
+    naive = {
+        r.size: statistics.median(r.samples) for r in rows if r.variant.startswith("naive") and r.samples
+    }
+    for row in (r for r in rows if r.samples):
+        row.median_s, row.best_s = statistics.median(row.samples), min(row.samples)
+        per_image = row.median_s / row.batch
+        row.ms_per_image, row.images_per_s = per_image * 1e3, 1 / per_image
+        rate = rates.get(row.precision, {}).get("gflops")
+        row.limit_fraction = flops[row.size] / (rate * 1e9) / per_image if rate else None
+        row.speedup = naive[row.size] / per_image if row.size in naive else None
 
 
 # --- agreement, targets, reports ----------------------------------------------------------------------------
@@ -318,16 +342,20 @@ def run_size(
 def agreement(net: DescriptorNet, preprocess: Preprocess, side: int, data: Path) -> dict[str, float]:
     """Lowest cosine between the naive fp32 descriptors and lookalike's, per precision, on real photos."""
     paths = sorted(p for pattern in AGREEMENT_GLOBS for p in data.glob(pattern))
-    precisions = [p for p in ("fp32", "bf16") if p == "fp32" or cpu_info().has_bf16]
-    models = {p: InferenceNet(net, p) for p in precisions}  # type: ignore[arg-type]
-    lowest = {p: 1.0 for p in precisions}
+    models = {p: InferenceNet(net, p) for p in cpu_info().precisions if p in ("fp32", "bf16")}  # type: ignore[arg-type]
+    lowest = dict.fromkeys(models, 1.0)
     for path in paths:
         x = to_tensor(resize_max_side(load_image(path), side), preprocess)[None]
         with torch.no_grad():
-            ref = net(x)[0].numpy()
+            reference = net(x)[0].numpy()
         for p, model in models.items():
-            lowest[p] = min(lowest[p], float(model(x)[0].numpy() @ ref))
+            lowest[p] = min(lowest[p], float(model(x)[0].numpy() @ reference))
     return {"images": len(paths), "side": side, **{f"min_cosine_{p}": c for p, c in lowest.items()}}
+
+
+def target(variant: str, goal: str, value: float | None, passed: bool | None) -> dict:
+    result = "n/a (no precision faster than fp32)" if passed is None else ("PASS" if passed else "MISS")
+    return {"variant": variant, "target": goal, "value": value, "result": result}
 
 
 def targets(rows: list[Row], default: str, rates: dict[str, dict]) -> list[dict]:
@@ -335,101 +363,52 @@ def targets(rows: list[Row], default: str, rates: dict[str, dict]) -> list[dict]
     faster = (rates.get("bf16", {}).get("gflops") or 0.0) > rates["fp32"]["gflops"]
     found = []
     for row in rows:
-        if row.size != TARGET_SIZE or row.variant != f"lookalike {default}":
-            continue
-        fraction = row.limit_fraction or 0.0
-        found.append(
-            {
-                "variant": f"{row.variant} ×{row.batch}",
-                "target": f"≥ {TARGET_FRACTION:.0%} of limit",
-                "value": row.limit_fraction,
-                "result": "PASS" if fraction >= TARGET_FRACTION else "MISS",
-            }
-        )
-        speedup = row.speedup or 0.0
-        result = ("PASS" if speedup >= TARGET_SPEEDUP else "MISS") if faster else "n/a (no faster precision)"
-        found.append(
-            {
-                "variant": f"{row.variant} ×{row.batch}",
-                "target": f"≥ {TARGET_SPEEDUP:g}× naive",
-                "value": row.speedup,
-                "result": result,
-            }
-        )
+        if row.size == TARGET_SIZE and row.variant == f"lookalike {default}":
+            name, fraction, speedup = f"{row.variant} ×{row.batch}", row.limit_fraction, row.speedup
+            goal = f"≥ {TARGET_FRACTION:.0%} of limit"
+            found.append(target(name, goal, fraction, (fraction or 0) >= TARGET_FRACTION))
+            passed = (speedup or 0) >= TARGET_SPEEDUP if faster else None
+            found.append(target(name, f"≥ {TARGET_SPEEDUP:g}× naive", speedup, passed))
     return found
 
 
-def fmt(value: float | None, spec: str) -> str:
-    return "–" if value is None else format(value, spec)
-
-
-def table_cells(row: Row, flops: dict[int, int]) -> list[str]:
-    return [
-        row.shape,
-        fmt(flops[row.size] / 1e9, ".1f"),
-        row.variant,
-        str(row.batch),
-        fmt(row.ms_per_image, ".1f"),
-        fmt(row.images_per_s, ".2f"),
-        fmt(row.limit_fraction and row.limit_fraction * 100, ".0f"),
-        fmt(row.speedup, ".2f"),
-        fmt(row.cosine_vs_naive, ".5f"),
-        row.note
-        or (f"setup {row.setup_s:.1f} s, first call {row.first_call_s:.2f} s" if row.setup_s else ""),
-    ]
-
-
-HEADER = [
-    "input W×H",
-    "GFLOP",
-    "variant",
-    "batch",
-    "ms/image",
-    "images/s",
-    "% limit",
-    "× naive",
-    "cos",
-    "note",
-]
+def cells(row: Row, flops: dict[int, int]) -> list[str]:
+    timing = f"setup {row.setup_s:.1f} s, first call {row.first_call_s:.2f} s" if row.first_call_s else ""
+    percent = row.limit_fraction * 100 if row.limit_fraction is not None else None
+    numbers = [fmt(row.ms_per_image, ".1f"), fmt(row.images_per_s, ".2f"), fmt(percent, ".0f")]
+    numbers += [fmt(row.speedup, ".2f"), fmt(row.cosine_vs_naive, ".5f")]
+    first = [row.shape, f"{flops[row.size] / 1e9:.1f}", row.variant, str(row.batch)]
+    return [*first, *numbers, row.note or timing]
 
 
 def print_table(rows: list[Row], flops: dict[int, int]) -> None:
-    cells = [HEADER] + [table_cells(row, flops) for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(HEADER))]
-    for line in cells:
-        print(
-            "  ".join(
-                c.ljust(w) if i in (2, 9) else c.rjust(w)
-                for i, (c, w) in enumerate(zip(line, widths, strict=True))
-            )
-        )
-
-
-def rates_text(rates: dict[str, dict]) -> str:
-    return (
-        ", ".join(f"{p} {fmt(r.get('gflops'), '.0f')}" for p, r in rates.items()) + " GFLOP/s (int8: GOP/s)"
-    )
+    lines = [HEADER] + [cells(row, flops) for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
+    left = {HEADER.index("variant"), HEADER.index("note")}
+    for line in lines:
+        print("  ".join(c.ljust(widths[i]) if i in left else c.rjust(widths[i]) for i, c in enumerate(line)))
 
 
 def markdown(report: dict, rows: list[Row], flops: dict[int, int]) -> str:
     env, agree = report["environment"], report["agreement"]
+    cosines = ", ".join(
+        f"{k.removeprefix('min_cosine_')} {v:.5f}" for k, v in agree.items() if k.startswith("min")
+    )
     lines = [
         f"#### `{env['command']}`",
         "",
-        f"{env['cpu']} · torch {env['torch']} · {env['threads']} threads · {env['date']}",
-        f"GEMM rate: {rates_text(report['gemm'])}. Default precision: {env['default_precision']}.",
-        "Min cosine to naive fp32 on "
-        + f"{agree['images']} photos: "
-        + ", ".join(
-            f"{k.removeprefix('min_cosine_')} {v:.5f}" for k, v in agree.items() if k.startswith("min")
-        ),
+        f"{env['cpu']} · torch {env['torch']} · {env['threads']} threads · {env['date']}  ",
+        f"GEMM rate: {rates_text(report['gemm'])}. Default precision: {env['default_precision']}. "
+        + f"Heap kept (--keep-heap): {'yes' if env['keep_heap'] else 'no'}.  ",
+        f"Lowest cosine to the naive fp32 descriptor, {agree['images']} photos at ≤ {agree['side']} px: {cosines}.",
         "",
-        "| " + " | ".join(HEADER[:-2]) + " |",
-        "|" + "---|" * (len(HEADER) - 2),
+        "| " + " | ".join(HEADER[:-1]) + " |",
+        "|" + "---|" * (len(HEADER) - 1),
     ]
-    lines += ["| " + " | ".join(table_cells(row, flops)[:-2]) + " |" for row in rows if row.median_s]
-    lines += [
-        f"- {t['variant']}: {t['target']} → {t['result']} ({fmt(t['value'], '.2f')})"
+    lines += ["| " + " | ".join(cells(row, flops)[:-1]) + " |" for row in rows if row.samples]
+    lines += [f"\n**{report['warning']}**"] if report["warning"] else []
+    lines += [""] + [
+        f"- {t['variant']}: {t['target']} → **{t['result']}** ({fmt(t['value'], '.2f')})"
         for t in report["targets"]
     ]
     return "\n".join(lines)
@@ -445,7 +424,6 @@ def environment(args: argparse.Namespace, default: str) -> dict[str, object]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "python": sys.version.split()[0],
         "model": args.model,
         "default_precision": default,
     }
@@ -457,26 +435,32 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     config = get_model_config(args.model)
     net = build_descriptor_net(config, "gem")
-    default = resolve_precision(net, config, "auto")
-    env = environment(args, default)
+    env = environment(args, resolve_precision(net, config, "auto"))
+    env["keep_heap"] = keep_heap() if args.keep_heap else False
     print(f"{env['cpu']}\ntorch {env['torch']}, {env['threads']} threads, {env['date']}")
-    rates = gemm_rates(2048 if args.quick else 4096, args.repeats)
-    print(f"GEMM rate: {rates_text(rates)}")
-    chosen = variants(net, default, args.quick)
+    gemm_n, gemm_repeats = (2048 if args.quick else 4096), max(3, args.repeats)
+    start_rates = gemm_rates(gemm_n, gemm_repeats)
+    print(f"GEMM rate: {rates_text(start_rates)}")
+    chosen = variants(net, str(env["default_precision"]), args.quick)
     flops: dict[int, int] = {}
     rows: list[Row] = []
     for size in sizes:
         x = photo_input(args.data / PHOTO, size, config.preprocess)
-        flops[size], size_rows = run_size(net, chosen, x, rates, args.repeats)
+        flops[size], size_rows = run_size(net, chosen, x, args.repeats)
         rows += size_rows
-    agree = agreement(net, config.preprocess, max(sizes), args.data)
-    goals = targets(rows, default, rates)
-    report = {"environment": env, "gemm": rates, "flops": flops, "agreement": agree, "targets": goals}
+    rates = best_rates(start_rates, gemm_rates(gemm_n, gemm_repeats))
+    derive(rows, flops, rates)
+    report: dict[str, Any] = {"environment": env, "gemm_size": gemm_n, "gemm": rates, "flops": flops}
+    report["agreement"] = agreement(net, config.preprocess, max(sizes), args.data)
+    report["targets"] = targets(rows, str(env["default_precision"]), rates)
     report["rows"] = [asdict(row) for row in rows]
+    report["warning"] = busy_warning(rates)
     print()
     print_table(rows, flops)
-    print(f"\nagreement: {agree}")
-    for goal in goals:
+    print(f"\nGEMM rate at the end: {rates_text({p: r['end'] for p, r in rates.items()})}")
+    print(f"agreement: {report['agreement']}")
+    print(f"WARNING: {report['warning']}" if report["warning"] else "GEMM rates steady (within 10 %)")
+    for goal in report["targets"]:
         print(f"{goal['result']:<4}  {goal['variant']}: {goal['target']} ({fmt(goal['value'], '.2f')})")
     print("\n" + markdown(report, rows, flops))
     args.out.parent.mkdir(parents=True, exist_ok=True)

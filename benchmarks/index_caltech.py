@@ -97,15 +97,24 @@ def main() -> None:
         report = collection.sync()
         described = report.indexed + len(report.failed)
         end_to_end = described / report.seconds
-        print(f"index: {report.indexed} indexed, {report.reused} reused, {len(report.failed)} failed in "
-              f"{report.seconds:.1f} s = {end_to_end:.1f} images/s ({end_to_end / pure:.0%} of pure)", flush=True)
+        print(
+            f"index: {report.indexed} indexed, {report.reused} reused, {len(report.failed)} failed in "
+            f"{report.seconds:.1f} s = {end_to_end:.1f} images/s ({end_to_end / pure:.0%} of pure)",
+            flush=True,
+        )
 
         decodes = count_decodes()
         rerun = collection.sync()
-        print(f"re-run: {rerun.seconds:.2f} s, {rerun.unchanged} unchanged, {decodes[0]} images decoded", flush=True)
+        print(
+            f"re-run: {rerun.seconds:.2f} s, {rerun.unchanged} unchanged, {decodes[0]} images decoded",
+            flush=True,
+        )
         latency = query_latency(collection)
-        print(f"query (k=30, excluding extraction): median {latency['median_ms']:.2f} ms, "
-              f"p99 {latency['p99_ms']:.2f} ms over {collection.info().images} images", flush=True)
+        print(
+            f"query (k=30, excluding extraction): median {latency['median_ms']:.2f} ms, "
+            f"p99 {latency['p99_ms']:.2f} ms over {collection.info().images} images",
+            flush=True,
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

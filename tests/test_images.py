@@ -3,10 +3,8 @@ from __future__ import annotations
 import io
 import logging
 import os
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,56 +31,12 @@ from lookalike.images import (
     resize_max_side,
     to_rgb,
 )
+from tests.corpus import HAS_HEIF, bomb_png, encode, exif_with_orientation, marked_image
 
 CHELSEA = skimage.data.chelsea()  # a real photo, 300 x 451 RGB
 CHELSEA_SIZE = (CHELSEA.shape[1], CHELSEA.shape[0])
 BOMB_SIDE = 20_000
 HAS_AVIF = bool(features.check("avif"))
-
-try:
-    import pillow_heif
-except ImportError:
-    pillow_heif = None
-
-HAS_HEIF = pillow_heif is not None
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def bomb_png(side: int) -> bytes:
-    """A valid all-black 1-bit PNG of side x side pixels, a few kilobytes on disk."""
-    assert side % 100 == 0
-    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
-    hundred_rows = bytes(1 + (side + 7) // 8) * 100
-    compressor = zlib.compressobj(9)
-    idat = b"".join(compressor.compress(hundred_rows) for _ in range(side // 100)) + compressor.flush()
-    chunks = [_png_chunk(b"IHDR", ihdr), _png_chunk(b"IDAT", idat), _png_chunk(b"IEND", b"")]
-    return b"\x89PNG\r\n\x1a\n" + b"".join(chunks)
-
-
-def marked_image(width: int = 60, height: int = 40) -> Image.Image:
-    """Grey image with a red block in the stored top-left corner."""
-    img = Image.new("RGB", (width, height), (128, 128, 128))
-    img.paste((255, 0, 0), (0, 0, 12, 12))
-    return img
-
-
-def exif_with_orientation(orientation: int) -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    return exif.tobytes()
-
-
-def encode(img: Image.Image, fmt: str, **params: object) -> bytes:
-    buf = io.BytesIO()
-    if fmt == "HEIF":
-        # Written through pillow-heif's own API: registering its Pillow opener is the library's job.
-        pillow_heif.from_pillow(img).save(buf, **params)
-    else:
-        img.save(buf, fmt, **params)
-    return buf.getvalue()
 
 
 def _build_corpus(root: Path) -> dict[str, Path]:

@@ -67,3 +67,7 @@ class SettingsMismatchError(CollectionError):
 
 class CollectionBusyError(CollectionError):
     """Another process is writing to the collection."""
+
+
+class DatasetError(LookalikeError):
+    """A dataset or ground-truth file is missing, malformed, or refused (e.g. a pickle naming unsafe code)."""

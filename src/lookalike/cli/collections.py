@@ -143,6 +143,13 @@ def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
     return (x0, y0, x1, y1)
 
 
+def parse_id(text: str) -> int:
+    try:
+        return int(text[3:])
+    except ValueError:
+        raise typer.BadParameter(f"an indexed image is id:N with N a number, got {text!r}") from None
+
+
 def search(
     query: str = typer.Argument(
         ..., help="An image file, a folder of query images, an indexed path or id:N."
@@ -160,7 +167,7 @@ def search(
             results = opened.search_files(paths, k)
             queries = [(str(p), hits) for p, hits in zip(paths, results, strict=True)]
         else:
-            key: int | str = int(query[3:]) if query.startswith("id:") else query
+            key: int | str = parse_id(query) if query.startswith("id:") else query
             queries = [(query, opened.search(key, k, parse_bbox(bbox)))]
         as_lines = as_json or not console.is_terminal
         for name, hits in queries:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lookalike.cli import collections, describe, models, system
+from lookalike.cli import collections, describe, evaluate, models, system
 from lookalike.cli.common import configure_logging
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app.command("info")(collections.info)
 app.command("remove")(collections.remove)
 app.command("export")(collections.export)
 app.add_typer(collections.whiten_app, name="whiten")
+app.command("evaluate")(evaluate.evaluate_command)
 app.command("system")(system.system)
 
 

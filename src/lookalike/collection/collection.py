@@ -108,18 +108,26 @@ class Collection:
         if not database.exists():
             raise CollectionError(f"{self.path} is not a lookalike collection (no {DATABASE})")
         self.db = store.connect(database, readonly=readonly)
-        if not readonly:
-            store.migrate(self.db)
-        elif store.schema_version(self.db) != store.SCHEMA_VERSION:
-            raise CollectionError(
-                f"{self.path}: schema version {store.schema_version(self.db)}; open it writable to migrate"
-            )
-        self._settings = store.read_settings(self.db)
+        try:
+            if not readonly:
+                store.migrate(self.db)
+            elif (version := store.schema_version(self.db)) != store.SCHEMA_VERSION:
+                store.refuse_newer(version)
+                raise CollectionError(f"{self.path}: schema version {version}; open it writable to migrate")
+            self._settings = store.read_settings(self.db)
+            if "dim" not in self._settings:
+                raise CollectionError(
+                    f"{self.path}: incomplete collection (no settings); index with --rebuild"
+                )
+        except BaseException:
+            self.db.close()
+            raise
         self.vectors = VectorFile(self.path / VECTORS, int(self._settings["dim"]))
         self._extractor: Extractor | None = None
         self._index: faiss.Index | None = None
         self._index_key: tuple[int, str | None] | None = None
         self._whitening: Whitening | None = None
+        self._whitening_stamp: tuple[int, int, int] | None = None
         self._lock_handle: int | None = None
 
     # -- creating and opening -------------------------------------------------------------------------
@@ -135,16 +143,27 @@ class Collection:
         settings = settings or DescriptorSettings()
         extractor = Extractor(settings)
         path.mkdir(parents=True, exist_ok=True)
-        connection = store.connect(path / DATABASE)
-        store.migrate(connection)
         identity = descriptor_identity(settings, extractor)
         root_text = str(Path(root).resolve()) if root is not None else None
-        connection.execute("BEGIN IMMEDIATE")
-        store.write_settings(
-            connection, {**identity, "root": root_text, "vector_rows": 0, "generation": 0, "whitening": None}
-        )
-        connection.execute("COMMIT")
-        connection.close()
+        # Built under another name and renamed into place: a run killed half-way leaves no database.
+        with _exclusive(path):
+            if (path / DATABASE).exists():
+                raise CollectionError(
+                    f"{path} already holds a collection; open it, or remove it to start over"
+                )
+            building = path / (DATABASE + ".new")
+            for leftover in ("", "-wal", "-shm", "-journal"):
+                Path(f"{building}{leftover}").unlink(missing_ok=True)
+            connection = store.connect(building)
+            store.migrate(connection)
+            connection.execute("BEGIN IMMEDIATE")
+            store.write_settings(
+                connection,
+                {**identity, "root": root_text, "vector_rows": 0, "generation": 0, "whitening": None},
+            )
+            connection.execute("COMMIT")
+            connection.close()
+            os.replace(building, path / DATABASE)
         collection = cls(path, readonly=False)
         collection._extractor = extractor
         return collection
@@ -182,7 +201,11 @@ class Collection:
             return cls.create(path, settings, root)
         collection = cls.open(path)
         if settings is not None:
-            collection.check_settings(settings)
+            try:
+                collection.check_settings(settings)
+            except BaseException:
+                collection.close()
+                raise
         if root is not None and collection.root is None:
             collection._write_settings({"root": str(Path(root).resolve())})
         return collection
@@ -344,8 +367,10 @@ class Collection:
         kind = self._settings.get("whitening")
         if kind is None:
             return None
-        if self._whitening is None or self._whitening.kind != kind:
+        stamp = _file_stamp(self.path / WHITENING)
+        if self._whitening is None or self._whitening_stamp != stamp:
             self._whitening = load_whitening(self.path / WHITENING)
+            self._whitening_stamp = stamp
         return self._whitening
 
     def set_whitening(self, whitening: Whitening | None) -> None:
@@ -358,6 +383,7 @@ class Collection:
                     )
                 save_whitening(whitening, self.path / WHITENING)
             self._whitening = whitening
+            self._whitening_stamp = _file_stamp(self.path / WHITENING) if whitening is not None else None
             self.db.execute("BEGIN IMMEDIATE")
             store.write_settings(self.db, {"whitening": whitening.kind if whitening else None})
             self._bump_generation()
@@ -456,6 +482,15 @@ class Collection:
     def search_vectors(self, raw: np.ndarray, k: int = 30) -> list[list[SearchHit]]:
         """Hits for each raw descriptor row of ``raw`` (Q, D)."""
         return querying.search_vectors(self, raw, k)
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced or rewritten: inode, mtime and size (None: no file)."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
 @contextmanager

@@ -23,9 +23,12 @@ def query_vector(collection: Collection, query: Query, bbox: BBox | None = None)
     """The raw ``(D,)`` descriptor of a query.
 
     An ``int`` is an indexed image id; a path that is indexed and unchanged reuses its stored descriptor
-    (unless a ``bbox`` asks for a crop); any other file or a PIL image is described now.
+    (unless a ``bbox`` asks for a crop, then the file is described cropped); any other file or a PIL image
+    is described now. A descriptor cannot be cropped: a ``bbox`` with one is an error.
     """
     if isinstance(query, np.ndarray):
+        if bbox is not None:
+            raise CollectionError("a bbox crops an image; it cannot apply to a descriptor query")
         vector = np.asarray(query, dtype=np.float32).reshape(-1)
         if vector.shape[0] != collection.dim:
             raise CollectionError(
@@ -34,8 +37,14 @@ def query_vector(collection: Collection, query: Query, bbox: BBox | None = None)
         return vector
     if isinstance(query, bool):
         raise CollectionError("a query is an image, a path, an image id or a descriptor")
-    if isinstance(query, int):
-        return collection.vector(query)
+    if isinstance(query, (int, np.integer)):
+        query = int(query)
+        if bbox is None:
+            return collection.vector(query)
+        record = collection.records([query]).get(query)
+        if record is None:
+            raise CollectionError(f"image {query} is not in {collection.path}")
+        query = collection.absolute_path(record.path)
     if isinstance(query, Image.Image):
         return collection.extractor.describe(query.convert("RGB"), bbox=bbox)
     path = Path(query)

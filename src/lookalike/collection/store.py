@@ -60,7 +60,7 @@ IMAGE_COLUMNS = "id, path, size, mtime_ns, sha256, width, height, status, error,
 def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     """A connection in WAL mode (readers never block the writer) with foreign keys on."""
     if readonly:
-        uri = f"file:{path}?mode=ro"
+        uri = f"{Path(path).absolute().as_uri()}?mode=ro"  # percent-encoded: '#', '?', '%' are literal
         connection = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
     else:
         connection = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -74,13 +74,17 @@ def schema_version(connection: sqlite3.Connection) -> int:
     return int(connection.execute("PRAGMA user_version").fetchone()[0])
 
 
-def migrate(connection: sqlite3.Connection) -> None:
-    """Apply the numbered migrations this database has not seen, each in its own transaction."""
-    version = schema_version(connection)
+def refuse_newer(version: int) -> None:
     if version > SCHEMA_VERSION:
         raise CollectionError(
             f"collection schema version {version} is newer than this lookalike ({SCHEMA_VERSION}); upgrade lookalike"
         )
+
+
+def migrate(connection: sqlite3.Connection) -> None:
+    """Apply the numbered migrations this database has not seen, each in its own transaction."""
+    version = schema_version(connection)
+    refuse_newer(version)
     for number in range(version, SCHEMA_VERSION):
         connection.execute("BEGIN IMMEDIATE")
         try:
@@ -142,6 +146,14 @@ def indexed_rows(connection: sqlite3.Connection) -> Iterator[tuple[int, int]]:
 def content_row(connection: sqlite3.Connection, sha256: str) -> int | None:
     row = connection.execute("SELECT row FROM contents WHERE sha256 = ?", (sha256,)).fetchone()
     return int(row[0]) if row else None
+
+
+def content_size(connection: sqlite3.Connection, row: int) -> tuple[int, int] | None:
+    """(width, height) recorded for a content row by any image holding it."""
+    found = connection.execute(
+        "SELECT width, height FROM images WHERE row = ? AND width IS NOT NULL LIMIT 1", (row,)
+    ).fetchone()
+    return (int(found[0]), int(found[1])) if found else None
 
 
 def next_row(connection: sqlite3.Connection) -> int:

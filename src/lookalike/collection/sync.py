@@ -8,6 +8,7 @@ SIGKILL) leaves a consistent collection; the next run resumes with nothing lost 
 from __future__ import annotations
 
 import logging
+import stat as stat_module
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -76,6 +77,10 @@ def file_state(collection: Collection, path: Path) -> FileState:
         stat = path.stat()
     except OSError as exc:
         return FileState(name, path, 0, 0, error=f"cannot stat: {exc.strerror or exc}")
+    if not stat_module.S_ISREG(stat.st_mode):
+        # Reading a FIFO would block forever; a socket or device is no image either.
+        error = "not a regular file (a FIFO, socket or device)"
+        return FileState(name, path, stat.st_size, stat.st_mtime_ns, error=error)
     return FileState(name, path, stat.st_size, stat.st_mtime_ns)
 
 
@@ -127,6 +132,7 @@ def sync(
             _commit(collection, [], np.zeros((0, collection.dim), np.float32), delete=gone)
         todo, report.unchanged = plan(collection, states)
         _describe_and_commit(collection, todo, report, progress, commit_every)
+        collection.index()
     report.seconds = time.perf_counter() - started
     return report
 
@@ -145,6 +151,7 @@ def add(
         todo, unchanged = plan(collection, states)
         report = SyncReport(unchanged=unchanged)
         _describe_and_commit(collection, todo, report, progress, commit_every)
+        collection.index()
     report.seconds = time.perf_counter() - started
     return report
 
@@ -225,7 +232,9 @@ def _describe_chunk(
             new = first_of.get(sha) is state
             outcomes.append(_Outcome(state, "ok", row=rows[sha], size=sizes[sha], new_content=new))
         else:
-            outcomes.append(_Outcome(state, "ok", row=store.content_row(collection.db, sha)))
+            row = store.content_row(collection.db, sha)
+            size = store.content_size(collection.db, row) if row is not None else None
+            outcomes.append(_Outcome(state, "ok", row=row, size=size))
     matrix = np.stack(vectors) if vectors else np.zeros((0, collection.dim), np.float32)
     return outcomes, matrix
 

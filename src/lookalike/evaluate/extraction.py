@@ -1,0 +1,151 @@
+"""Descriptors for evaluation: every pooling from one backbone pass, per scale, cached per setting.
+
+The backbone runs once per image and scale; MAC, SPoC, R-MAC and GeM are all pooled from that feature map,
+so a table over poolings × single/multi-scale costs one extraction. Results are cached under
+``$LOOKALIKE_HOME/eval-cache`` keyed by the model, its weights, image size, scales, poolings, the crops and
+the files (path, size, mtime), so a table of runs never re-extracts what it already has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lookalike.atomic import save_npz_atomic
+from lookalike.errors import ImageError
+from lookalike.extract import BBox, Extractor, combine_scales, scale_combination_power
+from lookalike.images import load_image
+from lookalike.network import descriptor_head
+from lookalike.pooling import build_pooling
+from lookalike.weights import lookalike_home, weights_sha256
+
+POOLINGS = ("mac", "spoc", "rmac", "gem")
+
+
+@dataclass(frozen=True)
+class PerScaleDescriptors:
+    """``vectors[pooling]`` is (N, S, D): L2-normalised descriptors of N images at S scales.
+
+    ``failed`` marks images that could not be read (their rows are zero). ``seconds_per_scale`` is the
+    mean backbone time per image for each scale and ``pooling_seconds[pooling]`` the mean time of that
+    pooling per image and scale (decoding excluded).
+    """
+
+    scales: tuple[float, ...]
+    vectors: dict[str, np.ndarray]
+    failed: np.ndarray
+    seconds_per_scale: np.ndarray
+    pooling_seconds: dict[str, float]
+
+    def single(self, pooling: str) -> np.ndarray:
+        """(N, D) descriptors at scale 1."""
+        return np.ascontiguousarray(self.vectors[pooling][:, self.scales.index(1.0)])
+
+    def multi(self, pooling: str, power: float) -> np.ndarray:
+        """(N, D) multi-scale descriptors: generalised mean over scales with ``power``, then L2."""
+        stacked = self.vectors[pooling]
+        return np.stack([combine_scales(stacked[i], power) for i in range(len(stacked))])
+
+    def seconds(self, multiscale: bool) -> float:
+        return float(
+            self.seconds_per_scale.sum() if multiscale else self.seconds_per_scale[self.scales.index(1.0)]
+        )
+
+
+def fingerprint(paths: Sequence[Path], bboxes: Sequence[BBox | None] | None) -> str:
+    digest = hashlib.sha256()
+    for index, path in enumerate(paths):
+        stat = path.stat()
+        box = bboxes[index] if bboxes else None
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{box}\n".encode())
+    return digest.hexdigest()
+
+
+def cache_key(extractor: Extractor, poolings: Sequence[str], paths: Sequence[Path], bboxes) -> str:
+    identity = {
+        "model": extractor.settings.model,
+        "weights": weights_sha256(extractor.config),
+        "imsize": extractor.settings.imsize,
+        "scales": list(extractor.settings.scales),
+        "poolings": list(poolings),
+        "gem_p": extractor.settings.gem_p,
+        "files": fingerprint(paths, bboxes),
+        "version": 1,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _pool_all(
+    extractor: Extractor, pools: dict[str, nn.Module], tensor: torch.Tensor
+) -> dict[str, np.ndarray]:
+    net = extractor.net
+    with torch.inference_mode():
+        x = tensor[None].to(net.dtype).contiguous(memory_format=torch.channels_last)
+        fmap = net.features(x)
+        return {name: descriptor_head(fmap, pool, net.whiten)[0].numpy() for name, pool in pools.items()}
+
+
+def extract_variants(
+    extractor: Extractor,
+    paths: Sequence[Path],
+    bboxes: Sequence[BBox | None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    use_cache: bool = True,
+) -> PerScaleDescriptors:
+    """Per-scale descriptors of ``paths`` for every pooling (optionally cropped to ``bboxes``), cached."""
+    poolings = POOLINGS
+    scales = extractor.settings.scales
+    cache = lookalike_home() / "eval-cache" / f"{cache_key(extractor, poolings, paths, bboxes)}.npz"
+    if use_cache and cache.exists():
+        with np.load(cache, allow_pickle=False) as data:
+            timing = {p: float(data[f"seconds_{p}"]) for p in poolings}
+            vectors = {p: data[p] for p in poolings}
+            return PerScaleDescriptors(scales, vectors, data["failed"], data["seconds_per_scale"], timing)
+    pools = {name: build_pooling(name) for name in poolings}
+    if "gem" in pools and hasattr(extractor.net.pool, "p"):
+        pools["gem"] = extractor.net.pool
+    vectors = {name: np.zeros((len(paths), len(scales), extractor.dim), np.float32) for name in poolings}
+    failed = np.zeros(len(paths), bool)
+    seconds = np.zeros(len(scales))
+    clock = dict.fromkeys(["backbone", *poolings], 0.0)
+
+    def decode(index: int) -> list[torch.Tensor] | None:
+        try:
+            return extractor.scaled_inputs(load_image(paths[index]), bboxes[index] if bboxes else None)
+        except ImageError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for index, tensors in enumerate(pool.map(decode, range(len(paths)))):
+            if tensors is None:
+                failed[index] = True
+                continue
+            for scale_index, tensor in enumerate(tensors):
+                before = clock["backbone"]
+                pooled = _pool_all(extractor, pools, tensor, clock)
+                seconds[scale_index] += clock["backbone"] - before
+                for name, vector in pooled.items():
+                    vectors[name][index, scale_index] = vector
+            if progress is not None:
+                progress(index + 1, len(paths))
+    described = max(1, int((~failed).sum()))
+    seconds /= described
+    timing = {name: clock[name] / (described * len(scales)) for name in poolings}
+    result = PerScaleDescriptors(scales, vectors, failed, seconds, timing)
+    if use_cache:
+        extra = {f"seconds_{name}": np.float64(value) for name, value in timing.items()}
+        save_npz_atomic(cache, failed=failed, seconds_per_scale=seconds, **vectors, **extra)
+    return result
+
+
+def multiscale_power(pooling: str, extractor: Extractor) -> float:
+    p = float(extractor.net.pool.p.item()) if pooling == "gem" and hasattr(extractor.net.pool, "p") else 1.0
+    return scale_combination_power(pooling, p, extractor.net.whiten is not None)

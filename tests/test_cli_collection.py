@@ -1,0 +1,266 @@
+"""`lookalike index | search | info | remove | export | whiten` through the real entry point (subprocesses).
+
+The folder is indexed once; the commands that follow only read it, or work on copies of the collection, so
+they run side by side (two at a time) and each test checks the outcome of its own command.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import ImageOps
+
+from lookalike.collection import Collection
+from tests.conftest import require_weights
+from tests.corpus import SAMPLE_PHOTOS, copy_sample, encode, variant
+
+pytestmark = pytest.mark.weights
+
+NAMES = sorted(p.name for p in SAMPLE_PHOTOS)
+SETTINGS = ("--imsize", "128", "--precision", "fp32")
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "lookalike", *args]
+    return subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600
+    )
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def succeeded(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample photos and one broken file, in a folder whose name is not ASCII."""
+    require_weights("resnet50.keras-imagenet")
+    folder = copy_sample(tmp_path_factory.mktemp("cli") / "photos é")
+    whole = (folder / "cells.jpg").read_bytes()
+    (folder / "broken.jpg").write_bytes(whole[: len(whole) // 3])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def first_index(photos: Path) -> dict:
+    return json_lines(succeeded(run("index", str(photos), *SETTINGS, "--json")).stdout)[0]
+
+
+@pytest.fixture(scope="module")
+def collection(photos: Path, first_index: dict) -> Path:
+    return photos / ".lookalike"
+
+
+@pytest.fixture(scope="module")
+def second_index(photos: Path, collection: Path) -> dict:
+    return json_lines(succeeded(run("index", str(photos), "--json")).stdout)[0]
+
+
+@pytest.fixture(scope="module")
+def cat_id(collection: Path) -> int:
+    with Collection.open(collection, readonly=True) as opened:
+        return opened.record("cat.jpg").id
+
+
+@pytest.fixture(scope="module")
+def ran(photos: Path, collection: Path, second_index: dict, cat_id: int, tmp_path_factory) -> dict:
+    """Every later command, run two at a time: name → results of its chain of commands, in order."""
+    work = tmp_path_factory.mktemp("commands")
+    queries = work / "queries"
+    queries.mkdir()
+    shutil.copy(photos / "cat.jpg", queries / "a cat.jpg")
+    (queries / "mirrored coffee.jpg").write_bytes(
+        encode(ImageOps.mirror(variant(photos / "coffee.jpg", "whole")), "JPEG")
+    )
+    labelled = work / "labelled"
+    for label, stems in {
+        "cat": ("cat", "cat-crop-flip"),
+        "coffee": ("coffee", "coffee-rotated-dark"),
+    }.items():
+        (labelled / label).mkdir(parents=True)
+        for stem in stems:
+            shutil.copy(photos / f"{stem}.jpg", labelled / label / f"{stem}.jpg")
+            (labelled / label / f"{stem}-flip.jpg").write_bytes(
+                encode(variant(photos / f"{stem}.jpg", "flip"), "JPEG")
+            )
+    copies = {}
+    for name in ("remove", "pca", "learned", "mismatch"):
+        copies[name] = shutil.copytree(collection, work / f"copy for {name}")
+    c = str(collection)
+    cat = str(photos / "cat.jpg")
+    chains: dict[str, list[tuple[str, ...]]] = {
+        "search file": [("search", cat, "-c", c, "--json", "-k", "3")],
+        "search folder": [("search", str(queries), "-c", c, "--json", "-k", "2")],
+        "search id": [("search", f"id:{cat_id}", "-c", c, "--json", "-k", "3")],
+        "search bad id": [("search", "id:cat", "-c", c)],
+        "search bbox": [("search", cat, "-c", c, "--bbox", "0,0,192,255", "--json", "-k", "2")],
+        "info": [("info", "--json")],
+        "export": [("export", "-o", str(work / "export"), "-c", c, "--json")],
+        "remove": [
+            ("remove", "cat.jpg", "-c", str(copies["remove"])),
+            ("info", "--json", "-c", str(copies["remove"])),
+            ("search", f"id:{cat_id}", "-c", str(copies["remove"])),
+        ],
+        "pca": [
+            ("whiten", "fit", "-c", str(copies["pca"])),
+            ("info", "--json", "-c", str(copies["pca"])),
+            ("search", cat, "-c", str(copies["pca"]), "--json", "-k", "3"),
+        ],
+        "learned": [
+            ("whiten", "fit", "--labelled", str(labelled), "--dim", "16", "-c", str(copies["learned"])),
+            ("search", f"id:{cat_id}", "-c", str(copies["learned"]), "--json", "-k", "3"),
+        ],
+        "mismatch": [("index", str(photos), "-c", str(copies["mismatch"]), "--imsize", "160")],
+    }
+    environment = {"LOOKALIKE_COLLECTION": c}
+
+    def run_chain(commands: list[tuple[str, ...]]) -> list[subprocess.CompletedProcess[str]]:
+        return [run(*command, env=environment) for command in commands]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run_chain, chain) for name, chain in chains.items()}
+        results = {name: future.result() for name, future in futures.items()}
+    results["work"] = work
+    return results
+
+
+def hits_of(result: subprocess.CompletedProcess[str]) -> list[dict]:
+    return json_lines(succeeded(result).stdout)
+
+
+# -- index -----------------------------------------------------------------------------------------------
+
+
+def test_index_reports_what_it_did_as_json(first_index: dict, collection: Path) -> None:
+    assert (first_index["indexed"], first_index["reused"], first_index["unchanged"]) == (len(NAMES), 0, 0)
+    assert [f["path"] for f in first_index["failed"]] == ["broken.jpg"]
+    assert "truncated" in first_index["failed"][0]["error"]
+    assert first_index["collection"]["images"] == len(NAMES)
+    assert Path(first_index["collection"]["path"]) == collection
+    assert (collection / "collection.sqlite").exists()
+
+
+def test_index_again_finds_everything_unchanged(second_index: dict) -> None:
+    assert (second_index["indexed"], second_index["unchanged"], second_index["removed"]) == (
+        0,
+        len(NAMES) + 1,
+        0,
+    )
+    assert second_index["failed"] == []
+
+
+def test_index_with_other_settings_asks_for_rebuild(ran: dict) -> None:
+    [result] = ran["mismatch"]
+    assert result.returncode == 1
+    assert "--rebuild" in result.stderr and "imsize" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# -- search ----------------------------------------------------------------------------------------------
+
+
+def test_search_a_file_gives_ranked_json_lines(ran: dict, photos: Path) -> None:
+    hits = hits_of(ran["search file"][0])
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    assert [h["path"] for h in hits[:2]] == ["cat.jpg", "cat-crop-flip.jpg"]
+    assert hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert {h["query"] for h in hits} == {str(photos / "cat.jpg")}
+    assert all(set(h) == {"query", "rank", "id", "path", "score"} for h in hits)
+
+
+def test_search_by_id_matches_search_by_file(ran: dict, cat_id: int) -> None:
+    by_id, by_file = hits_of(ran["search id"][0]), hits_of(ran["search file"][0])
+    assert by_id[0]["id"] == cat_id
+    assert [(h["id"], h["path"]) for h in by_id] == [(h["id"], h["path"]) for h in by_file]
+    assert [h["score"] for h in by_id] == pytest.approx([h["score"] for h in by_file], abs=1e-6)
+
+
+def test_search_a_bad_id_is_a_usage_error(ran: dict) -> None:
+    [result] = ran["search bad id"]
+    assert result.returncode == 2
+    assert "id:N" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_search_a_folder_answers_each_query(ran: dict) -> None:
+    hits = hits_of(ran["search folder"][0])
+    by_query: dict[str, list[dict]] = {}
+    for hit in hits:
+        by_query.setdefault(Path(hit["query"]).name, []).append(hit)
+    assert sorted(by_query) == ["a cat.jpg", "mirrored coffee.jpg"]
+    assert [h["path"] for h in by_query["a cat.jpg"]] == ["cat.jpg", "cat-crop-flip.jpg"]
+    assert by_query["a cat.jpg"][0]["score"] > 0.99
+    assert by_query["mirrored coffee.jpg"][0]["path"] in ("coffee.jpg", "coffee-rotated-dark.jpg")
+
+
+def test_search_with_a_bbox_describes_the_crop(ran: dict) -> None:
+    hits = hits_of(ran["search bbox"][0])
+    assert {h["path"] for h in hits} == {"cat.jpg", "cat-crop-flip.jpg"}
+    assert hits[0]["score"] < 0.99  # half the image is not the whole image
+
+
+# -- info, remove, export --------------------------------------------------------------------------------
+
+
+def test_info_describes_the_collection(ran: dict, collection: Path) -> None:
+    [record] = json_lines(succeeded(ran["info"][0]).stdout)  # found through $LOOKALIKE_COLLECTION
+    assert Path(record["path"]) == collection
+    assert (record["images"], record["failed"], record["distinct_contents"]) == (len(NAMES), 1, len(NAMES))
+    assert record["settings"]["imsize"] == 128 and record["settings"]["dim"] == 2048
+    assert record["whitening"] is None and record["schema_version"] >= 1
+    assert record["disk_bytes"] > len(NAMES) * 2048 * 4
+
+
+def test_remove_forgets_an_image(ran: dict, cat_id: int) -> None:
+    removed, info, search = ran["remove"]
+    assert "removed 1 of 1" in succeeded(removed).stdout
+    assert json_lines(succeeded(info).stdout)[0]["images"] == len(NAMES) - 1
+    assert search.returncode == 1 and f"image {cat_id} is not indexed" in search.stderr
+
+
+def test_export_writes_plain_arrays_and_a_csv(ran: dict, collection: Path) -> None:
+    written = json_lines(succeeded(ran["export"][0]).stdout)[0]
+    descriptors = np.load(written["descriptors"], allow_pickle=False)
+    with open(written["images"], newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert descriptors.shape == (len(NAMES), 2048) and descriptors.dtype == np.float32
+    assert sorted(r["path"] for r in rows) == NAMES
+    with Collection.open(collection, readonly=True) as opened:
+        for index, (row, vector) in enumerate(zip(rows, descriptors, strict=True)):
+            assert int(row["index"]) == index
+            np.testing.assert_array_equal(vector, opened.vector(int(row["id"])))
+
+
+# -- whitening -------------------------------------------------------------------------------------------
+
+
+def test_pca_whitening_is_fitted_and_search_still_works(ran: dict) -> None:
+    fitted, info, search = ran["pca"]
+    assert "pca whitening 2048 → 9" in succeeded(fitted).stdout
+    assert json_lines(succeeded(info).stdout)[0]["whitening"] == "pca"
+    hits = hits_of(search)
+    assert hits[0]["path"] == "cat.jpg" and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    raw_scores = [h["score"] for h in hits_of(ran["search file"][0])]
+    assert [h["score"] for h in hits] != pytest.approx(raw_scores, abs=1e-3)
+
+
+def test_learned_whitening_from_a_labelled_folder(ran: dict, cat_id: int) -> None:
+    fitted, search = ran["learned"]
+    assert "learned whitening 2048 → 16" in succeeded(fitted).stdout
+    hits = hits_of(search)
+    assert hits[0]["id"] == cat_id and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert hits[1]["path"] == "cat-crop-flip.jpg"
