@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,10 +55,11 @@ class PerScaleDescriptors:
         stacked = self.vectors[pooling]
         return np.stack([combine_scales(stacked[i], power) for i in range(len(stacked))])
 
-    def seconds(self, multiscale: bool) -> float:
-        return float(
-            self.seconds_per_scale.sum() if multiscale else self.seconds_per_scale[self.scales.index(1.0)]
-        )
+    def seconds(self, pooling: str, multiscale: bool) -> float:
+        """Mean extraction time per image of one variant: backbone plus its pooling, at one or all scales."""
+        if multiscale:
+            return float(self.seconds_per_scale.sum() + len(self.scales) * self.pooling_seconds[pooling])
+        return float(self.seconds_per_scale[self.scales.index(1.0)] + self.pooling_seconds[pooling])
 
 
 def fingerprint(paths: Sequence[Path], bboxes: Sequence[BBox | None] | None) -> str:
@@ -84,13 +86,21 @@ def cache_key(extractor: Extractor, poolings: Sequence[str], paths: Sequence[Pat
 
 
 def _pool_all(
-    extractor: Extractor, pools: dict[str, nn.Module], tensor: torch.Tensor
+    extractor: Extractor, pools: dict[str, nn.Module], tensor: torch.Tensor, clock: dict[str, float]
 ) -> dict[str, np.ndarray]:
+    """Descriptors of every pooling from one backbone pass; ``clock`` accumulates the time of each part."""
     net = extractor.net
+    pooled = {}
     with torch.inference_mode():
+        started = time.perf_counter()
         x = tensor[None].to(net.dtype).contiguous(memory_format=torch.channels_last)
         fmap = net.features(x)
-        return {name: descriptor_head(fmap, pool, net.whiten)[0].numpy() for name, pool in pools.items()}
+        clock["backbone"] += time.perf_counter() - started
+        for name, pool in pools.items():
+            started = time.perf_counter()
+            pooled[name] = descriptor_head(fmap, pool, net.whiten)[0].numpy()
+            clock[name] += time.perf_counter() - started
+    return pooled
 
 
 def extract_variants(
