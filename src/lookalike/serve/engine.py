@@ -1,0 +1,139 @@
+"""The server's hold on one collection: the model, the index and the SQLite connection, shared safely by
+concurrent requests.
+
+Neither the extractor (torch) nor the collection's SQLite connection may be used by two threads at once, so
+each gets one thread of its own: descriptors are computed in a single inference thread, and every read of
+the collection (SQLite, the descriptor file, the faiss index) happens in a single store thread. Requests
+wait for those threads without holding one. Decoding uploads and making thumbnails touch neither and run
+in a small pool (``decode_threads``) so a large upload does not hold up the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from PIL import Image
+
+from lookalike.collection import Collection, SearchHit
+from lookalike.collection.collection import BBox
+from lookalike.collection.store import ImageRecord
+from lookalike.images import load_image, load_image_bytes
+from lookalike.serve.errors import ApiError
+from lookalike.serve.files import THUMBS, ThumbnailCache, media_type
+from lookalike.serve.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Engine:
+    """Searches, records and files of one collection, opened read-only; use ``Engine.open``."""
+
+    def __init__(self, collection: Collection, settings: ServeSettings) -> None:
+        self.collection = collection
+        self.settings = settings
+        self.thumbnails = ThumbnailCache(collection.path / THUMBS, settings.thumb_size, settings.max_pixels)
+        self._inference = ThreadPoolExecutor(1, thread_name_prefix="lookalike-inference")
+        self._store = ThreadPoolExecutor(1, thread_name_prefix="lookalike-store")
+        self._files = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="lookalike-files")
+        self._waiting = 0  # searches queued for or in the inference thread (counted on the event loop)
+
+    @classmethod
+    def open(cls, path: str | Path, settings: ServeSettings | None = None) -> Engine:
+        """Open the collection, load the model and the index, and run the model once so it is warm."""
+        collection = Collection.open(path, readonly=True)
+        try:
+            extractor = collection.extractor
+            extractor.describe(Image.new("RGB", (64, 64), (128, 128, 128)))
+            index = collection.index()
+            log.info(
+                "serving %s: %d images, %s (%s)",
+                path,
+                index.ntotal,
+                extractor.config.name,
+                extractor.precision,
+            )
+        except BaseException:
+            collection.close()
+            raise
+        return cls(collection, settings or ServeSettings())
+
+    def close(self) -> None:
+        """Finish the work under way, then close the collection."""
+        for executor in (self._inference, self._files, self._store):
+            executor.shutdown(wait=True, cancel_futures=True)
+        self.collection.close()
+
+    @property
+    def model(self) -> str:
+        return self.collection.extractor.config.name
+
+    @property
+    def precision(self) -> str:
+        return self.collection.extractor.precision
+
+    async def _run(self, executor: Executor, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.wrap_future(executor.submit(function, *args))
+
+    # -- images in, descriptors out -------------------------------------------------------------------
+
+    async def decode(self, data: bytes, name: str) -> Image.Image:
+        """An uploaded image, content sniffed (raises the library's ImageError kinds)."""
+        return await self._run(self._files, load_image_bytes, data, name, self.settings.max_pixels)
+
+    async def load(self, record: ImageRecord) -> Image.Image:
+        return await self._run(self._files, load_image, self.file(record), self.settings.max_pixels)
+
+    async def describe(self, image: Image.Image, bbox: BBox | None = None) -> np.ndarray:
+        """The raw descriptor of an image, computed in the inference thread (503 when too many wait)."""
+        if self._waiting >= self.settings.max_waiting:
+            raise ApiError(
+                503, "busy", f"{self._waiting} searches are waiting for the model", {"Retry-After": "1"}
+            )
+        self._waiting += 1
+        try:
+            return await self._run(self._inference, self.collection.extractor.describe, image, bbox)
+        finally:
+            self._waiting -= 1
+
+    # -- reading the collection (store thread) --------------------------------------------------------
+
+    async def search(self, query: np.ndarray | int, k: int) -> list[SearchHit]:
+        """Top-``k`` hits for a raw descriptor or an indexed image id."""
+        return await self._run(self._store, self.collection.search, query, k)
+
+    async def records(self, ids: list[int]) -> dict[int, ImageRecord]:
+        return await self._run(self._store, self.collection.records, ids)
+
+    async def record(self, image_id: int) -> ImageRecord:
+        """The indexed image with this id; 404 when there is none (or it failed to index)."""
+        record = (await self.records([image_id])).get(image_id)
+        if record is None or record.status != "ok":
+            raise ApiError(404, "unknown image", f"no indexed image has id {image_id}")
+        return record
+
+    async def indexed(self) -> int:
+        return await self._run(self._store, lambda: int(self.collection.index().ntotal))
+
+    async def info(self) -> dict[str, Any]:
+        return await self._run(self._store, self.collection.info_dict)
+
+    # -- files ----------------------------------------------------------------------------------------
+
+    def file(self, record: ImageRecord) -> Path:
+        """Where an indexed image is on disk: only ever a path recorded in the collection."""
+        return self.collection.absolute_path(record.path)
+
+    async def media_type(self, record: ImageRecord) -> str:
+        return await self._run(self._files, media_type, self.file(record))
+
+    async def thumbnail(self, record: ImageRecord) -> Path | bytes:
+        assert record.sha256 is not None
+        return await self._run(self._files, self.thumbnails.get, self.file(record), record.sha256)

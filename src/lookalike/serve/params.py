@@ -1,0 +1,185 @@
+"""Reading a search request: an uploaded image (multipart) or an indexed image id (form or JSON), plus
+``k`` and ``bbox``; and refusing request bodies larger than the upload limit before they are read whole."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from lookalike.collection.collection import BBox
+from lookalike.serve.errors import ApiError, error_response
+from lookalike.serve.settings import MEGABYTE, ServeSettings
+
+# Room for the multipart boundaries, part headers and the small fields beside the image.
+FORM_OVERHEAD = 64 * 1024
+
+SEARCH_REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "image": {"type": "string", "format": "binary", "description": "The query image."},
+                    "id": {"type": "integer", "description": "Or: an indexed image id as the query."},
+                    "k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 30},
+                    "bbox": {"type": "string", "example": "10,20,300,400", "description": "x0,y0,x1,y1"},
+                },
+            }
+        },
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["id"],
+                "properties": {
+                    "id": {"type": "integer", "description": "An indexed image id as the query."},
+                    "k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 30},
+                    "bbox": {
+                        "oneOf": [
+                            {"type": "string", "example": "10,20,300,400"},
+                            {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
+                        ]
+                    },
+                },
+            }
+        },
+    },
+}
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    image: bytes | None
+    name: str
+    image_id: int | None
+    k: int
+    bbox: BBox | None
+
+
+def parse_k(value: Any, default: int, maximum: int) -> int:
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise _invalid(f"k must be an integer from 1 to {maximum}, got {value!r}")
+    try:
+        k = int(value)
+    except ValueError:
+        raise _invalid(f"k must be an integer from 1 to {maximum}, got {value!r}") from None
+    if not 1 <= k <= maximum:
+        raise _invalid(f"k must be an integer from 1 to {maximum}, got {k}")
+    return k
+
+
+def parse_bbox(value: Any) -> BBox | None:
+    """``"x0,y0,x1,y1"`` or four numbers → a box in pixels with x0 < x1 and y0 < y1."""
+    if value is None or value == "":
+        return None
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        if not isinstance(parts, list) or len(parts) != 4 or any(isinstance(v, bool) for v in parts):
+            raise ValueError
+        x0, y0, x1, y1 = (float(v) for v in parts)
+    except (TypeError, ValueError):
+        raise _invalid(f"bbox must be x0,y0,x1,y1 (four numbers, pixels), got {value!r}") from None
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)) or x1 <= x0 or y1 <= y0:
+        raise _invalid(f"bbox must have finite x0 < x1 and y0 < y1, got {value!r}")
+    return (x0, y0, x1, y1)
+
+
+def parse_id(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise _invalid(f"id must be an integer, got {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise _invalid(f"id must be an integer, got {value!r}") from None
+
+
+async def read_search_request(request: Request, settings: ServeSettings) -> SearchRequest:
+    """The query of a POST /api/search: multipart or url-encoded form, or JSON."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    image, name = None, "upload"
+    if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        async with request.form(max_files=1, max_fields=8) as form:
+            fields: dict[str, Any] = {key: form.get(key) for key in ("id", "k", "bbox")}
+            upload = form.get("image")
+            if isinstance(upload, UploadFile):
+                image = await _read_upload(upload, settings.max_upload_bytes)
+                name = upload.filename or name
+            elif upload is not None:
+                raise _invalid("the image field must be a file upload")
+    elif content_type == "application/json":
+        try:
+            fields = json.loads(await request.body())
+        except ValueError as exc:
+            raise _invalid(f"the body is not valid JSON: {exc}") from None
+        if not isinstance(fields, dict):
+            raise _invalid('the JSON body must be an object such as {"id": 42}')
+    else:
+        raise ApiError(
+            415,
+            "unsupported request",
+            "send multipart/form-data with an image file field, or a form or JSON with an id field",
+        )
+    image_id = parse_id(fields.get("id"))
+    if (image is None) == (image_id is None):
+        raise _invalid("give exactly one query: an image file, or the id of an indexed image")
+    k = parse_k(fields.get("k"), settings.default_k, settings.max_k)
+    return SearchRequest(image, name, image_id, k, parse_bbox(fields.get("bbox")))
+
+
+async def _read_upload(upload: UploadFile, limit: int) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise too_large(limit)
+    if not data:
+        raise _invalid("the uploaded file is empty")
+    return data
+
+
+def _invalid(detail: str) -> ApiError:
+    return ApiError(422, "invalid parameter", detail)
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, "upload too large", f"the limit is {limit / MEGABYTE:.3g} MB ({limit} bytes)")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413 — at once when Content-Length says so,
+    else as soon as that many bytes have arrived — so an oversized upload is never held whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_limit: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.upload_limit = upload_limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            error = too_large(self.upload_limit)
+            await error_response(error.status_code, error.error, error.detail)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise too_large(self.upload_limit)
+            return message
+
+        await self.app(scope, limited, send)

@@ -1,0 +1,73 @@
+"""The JSON the API returns, as pydantic models (they make the OpenAPI schema at /openapi.json)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="What went wrong, in a few words.")
+    detail: Any = Field(None, description="Specifics: a sentence, or the list of invalid parameters.")
+
+
+class Hit(BaseModel):
+    rank: int
+    id: int = Field(description="Image id in the collection: use it with /api/images, /api/thumbs, search.")
+    path: str = Field(description="The file as indexed, relative to the collection's root folder.")
+    name: str = Field(description="The file name alone.")
+    score: float = Field(description="Cosine similarity to the query (1 = same descriptor).")
+    width: int | None
+    height: int | None
+    image_url: str
+    thumb_url: str
+
+
+class QueryInfo(BaseModel):
+    kind: Literal["upload", "id"]
+    id: int | None = Field(None, description="The indexed image searched with (kind 'id').")
+    name: str
+    width: int | None
+    height: int | None
+    bbox: list[float] | None = Field(None, description="The crop described, x0, y0, x1, y1 in pixels.")
+
+
+class SearchResponse(BaseModel):
+    query: QueryInfo
+    k: int
+    took_ms: float = Field(description="Time spent in the server: decoding, describing, searching.")
+    results: list[Hit]
+
+
+class Limits(BaseModel):
+    max_upload_bytes: int
+    max_pixels: int | None
+    default_k: int
+    max_k: int
+    thumb_size: int
+
+
+class InfoResponse(BaseModel):
+    collection: dict[str, Any] = Field(description="Settings, counts and size, as `lookalike info --json`.")
+    model: str
+    precision: str
+    indexed: int = Field(description="Images in the search index.")
+    limits: Limits
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    indexed: int
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"description": description, "model": ErrorBody}
+    for status, description in {
+        404: "no indexed image has this id",
+        413: "the upload is larger than the limit, or the image has more pixels than the limit",
+        415: "the upload is not an image in a readable format (content is sniffed, the name is ignored)",
+        422: "a parameter is missing or invalid, or the image is corrupt",
+        503: "too many searches are waiting; retry after Retry-After seconds",
+    }.items()
+}
