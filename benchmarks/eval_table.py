@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -89,7 +89,7 @@ def main() -> None:
             sections.append(markdown(f"{name} sample — {model}", small_results, ns=name == "ukbench"))
             records += [r.as_dict() for r in small_results]
     header = (
-        f"Command: `{Path(sys.executable).name} {' '.join(sys.argv)}` — {datetime.now(timezone.utc):%Y-%m-%d}, "
+        f"Command: `{Path(sys.executable).name} {' '.join(sys.argv)}` — {datetime.now(UTC):%Y-%m-%d}, "
         f"{cpu_info().describe()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{time.perf_counter() - started:.0f} s in all."
     )

@@ -18,7 +18,6 @@ from lookalike.images import load_image
 from lookalike.network import build_descriptor_net
 from lookalike.pooling import build_pooling
 from lookalike.registry import get_model_config
-from lookalike.transforms import to_tensor
 from tests.conftest import SAMPLE, SHARED_DATA, require_weights
 
 UKBENCH = SHARED_DATA / "ukbench-sample"
