@@ -16,6 +16,10 @@ fi
 if ! command -v npm >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && apt-get install -y -qq npm >/dev/null) || echo "npm could not be installed" >&2
 fi
+# Debian's Chromium, for the web page's browser test (tests/test_browser.py drives it with Playwright).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium could not be installed" >&2
+fi
 # shellcheck disable=SC2086
 .venv/bin/lookalike models pull $MODELS
 

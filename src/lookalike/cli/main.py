@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lookalike.cli import collections, describe, evaluate, models, system
+from lookalike.cli import collections, describe, evaluate, models, recognize, serve, system
 from lookalike.cli.common import configure_logging
 
 app = typer.Typer(
@@ -18,12 +18,14 @@ app.command("describe")(describe.describe)
 app.command("classify")(describe.classify)
 app.command("index")(collections.index)
 app.command("search")(collections.search)
+app.command("recognize")(recognize.recognize)
 app.command("info")(collections.info)
 app.command("remove")(collections.remove)
 app.command("export")(collections.export)
 app.add_typer(collections.whiten_app, name="whiten")
 app.command("evaluate")(evaluate.evaluate_command)
 app.command("system")(system.system)
+app.command("serve")(serve.serve)
 
 
 @app.callback()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
+from PIL import Image
 
 from lookalike.collection import SearchHit
 from lookalike.collection.store import ImageRecord
@@ -17,8 +19,8 @@ from lookalike.serve.errors import ApiError, upload_error
 from lookalike.serve.params import SEARCH_REQUEST_BODY, read_search_request
 from lookalike.serve.schemas import (
     ERROR_RESPONSES,
-    Hit,
     HealthResponse,
+    Hit,
     InfoResponse,
     Limits,
     QueryInfo,
@@ -27,7 +29,7 @@ from lookalike.serve.schemas import (
 
 router = APIRouter(prefix="/api", tags=["api"])
 
-IMAGE_RESPONSES = {404: ERROR_RESPONSES[404]}
+IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {404: ERROR_RESPONSES[404]}
 
 
 def engine_of(request: Request) -> Engine:
@@ -48,12 +50,11 @@ async def search(request: Request) -> SearchResponse:
     started = time.perf_counter()
     engine = engine_of(request)
     asked = await read_search_request(request, engine.settings)
+    bbox = list(asked.bbox) if asked.bbox else None
     try:
         if asked.image_id is not None:
             record = await engine.record(asked.image_id)
-            query = QueryInfo(
-                kind="id", id=record.id, name=Path(record.path).name, width=record.width, height=record.height
-            )
+            name, width, height = Path(record.path).name, record.width, record.height
             if asked.bbox is None:
                 hits = await engine.search(record.id, asked.k)
             else:
@@ -62,11 +63,18 @@ async def search(request: Request) -> SearchResponse:
         else:
             assert asked.image is not None
             image = await engine.decode(asked.image, asked.name)
-            query = QueryInfo(kind="upload", name=asked.name, width=image.width, height=image.height)
+            name, width, height = asked.name, image.width, image.height
             hits = await engine.search(await engine.describe(image, asked.bbox), asked.k)
     except (ImageError, ConfigError) as exc:
         raise upload_error(exc) from exc
-    query.bbox = list(asked.bbox) if asked.bbox else None
+    query = QueryInfo(
+        kind="upload" if asked.image_id is None else "id",
+        id=asked.image_id,
+        name=name,
+        width=width,
+        height=height,
+        bbox=bbox,
+    )
     records = await engine.records([hit.id for hit in hits])
     return SearchResponse(
         query=query,
@@ -143,7 +151,7 @@ async def health(request: Request) -> HealthResponse:
     return HealthResponse(status="ok", indexed=await engine_of(request).indexed())
 
 
-async def _indexed_image(engine: Engine, record: ImageRecord):
+async def _indexed_image(engine: Engine, record: ImageRecord) -> Image.Image:
     try:
         return await engine.load(record)
     except ImageError as exc:

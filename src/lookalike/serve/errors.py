@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -44,7 +45,7 @@ def upload_error(exc: ImageError | ConfigError) -> ApiError:
 
 
 def error_response(
-    status: int, error: str, detail: Any = None, headers: dict[str, str] | None = None
+    status: int, error: str, detail: Any = None, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
     return JSONResponse({"error": error, "detail": jsonable_encoder(detail)}, status, headers)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 from starlette.datastructures import UploadFile
@@ -113,7 +114,7 @@ async def read_search_request(request: Request, settings: ServeSettings) -> Sear
             upload = form.get("image")
             if isinstance(upload, UploadFile):
                 image = await _read_upload(upload, settings.max_upload_bytes)
-                name = upload.filename or name
+                name = PurePosixPath((upload.filename or name).replace("\\", "/")).name or name
             elif upload is not None:
                 raise _invalid("the image field must be a file upload")
     elif content_type == "application/json":

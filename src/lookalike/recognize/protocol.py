@@ -1,0 +1,684 @@
+"""The distractor-heavy recognition protocol on a labelled folder with a clutter class (Caltech-101), and
+the ladder of methods from 1-NN to the pairwise verifier, every hyper-parameter chosen on validation folds
+drawn from the references only.
+
+Test splits (:func:`distractor_splits`), mirroring Tini-GLD (86.5 % of its queries are distractors):
+
+* ``"86.5%"`` — queries: every distractor image (Caltech's 466 readable BACKGROUND_Google images) plus
+  ``object_queries`` = 73 object images from 73 different classes; 466 / 539 = 86.5 %.
+* ``"50%"`` — queries: the same distractors plus as many object images (466), drawn round-robin over the
+  classes in a seeded order (4–5 per class); it contains the 73 of ``"86.5%"``.
+
+References: every object image that is not a query of that split. Classes and their images are shuffled
+with ``numpy.random.default_rng(seed)``.
+
+Validation folds (:func:`validation_folds`) are built the same way inside a *pool* of references: a
+seeded set of ``heldout`` reference classes plays the distractors (their images are pseudo-distractor
+queries, drawn round-robin, and none of them is a reference), the other classes give the object queries
+and the references. The pool is the images that are references in *both* test splits, so one set of
+folds (and one PCA-whitening per descriptor space, fitted on the pool) serves both variants, and no test
+query ever enters a fold, a whitening or the verifier's training. The validation object queries of a fold
+are among the pool on which whitenings are fitted: PCA is unsupervised, so this only makes validation
+see its own queries' directions, never their labels. The verifier is trained on further folds drawn from
+the pool minus every validation query.
+
+The ladder (:func:`run_ladder`), each stage choosing on the validation folds and building on the choices
+before it; every configuration is also scored on the test split, for the record only:
+
+1. ``1-NN`` on the scale-1 descriptor;
+2. ``k-NN`` — transforms {x, x², √x, ln(x+e)} × k ∈ :data:`KS`;
+3. ``mean k-NN`` — the same grid;
+4. ``α-expanded`` — α ∈ :data:`ALPHAS` × k, with the transform chosen in 3;
+5. ``+ PCA-whitening`` — 1-NN, k-NN, mean and α (α and its transform from 4) on the whitened descriptor;
+6. ``similarity matrix`` — the six reducers × per-scale whitening or not × transform × k (k-NN vote over a
+   shortlist of :data:`SHORTLIST` by the summed scales);
+7. ``aggregation`` — the 2^S − 1 binary scale weights with the best rule of 4–5 (whitened if 5 won), then
+   the rule, transform and k again for the chosen weights;
+8. ``+ verifier (no local features)`` and 9. ``+ verifier`` — the pair model of
+   :mod:`~lookalike.recognize.verify` re-scores the top :data:`VERIFIED` of 7's space, then a k-NN vote;
+   model (logistic / MLP), re-scoring rule, transform and k chosen on validation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Final
+
+import numpy as np
+
+from lookalike.errors import ConfigError
+from lookalike.evaluate.datasets import LabelledImages
+from lookalike.evaluate.metrics import accuracy, global_average_precision
+from lookalike.recognize.features import LocalFeatureCache
+from lookalike.recognize.knn import (
+    TIE_TOLERANCE,
+    TRANSFORMS,
+    Neighbour,
+    Prediction,
+    as_unit_rows,
+    class_index,
+    exact_search,
+    get_transform,
+    knn_classify,
+    mean_knn_classify,
+    nn_classify,
+)
+from lookalike.recognize.multiscale import (
+    DEFAULT_SCALES,
+    REDUCERS,
+    aggregate,
+    binary_weight_vectors,
+    similarity_matrices,
+)
+from lookalike.recognize.verify import (
+    RULES,
+    PairFeaturizer,
+    PairVerifier,
+    feature_names,
+    rescore,
+    train_verifier,
+)
+from lookalike.whitening import Whitening, fit_pca_whitening
+
+_log = logging.getLogger(__name__)
+
+TINI: Final = "86.5%"
+BALANCED: Final = "50%"
+VARIANTS: Final = (TINI, BALANCED)
+TINI_OBJECT_QUERIES: Final = 73
+
+
+@dataclass(frozen=True, eq=False)
+class RecognitionSplit:
+    """Queries and references as indices into one image set (sorted, disjoint)."""
+
+    name: str
+    queries: np.ndarray
+    references: np.ndarray
+
+    def __post_init__(self) -> None:
+        if np.intersect1d(self.queries, self.references).size:
+            raise ConfigError(f"split {self.name}: an image is both a query and a reference")
+
+
+@dataclass(frozen=True)
+class Score:
+    """GAP (micro-AP) and accuracy of one split's predictions."""
+
+    gap: float
+    accuracy: float
+
+
+def _round_robin(groups: Sequence[np.ndarray], n: int) -> np.ndarray:
+    """Take the first image of each group in turn, then the second, … until ``n`` (or all) are taken."""
+    taken: list[int] = []
+    depth = max((len(g) for g in groups), default=0)
+    for r in range(depth):
+        for group in groups:
+            if r < len(group):
+                taken.append(int(group[r]))
+                if len(taken) == n:
+                    return np.asarray(taken, dtype=np.int64)
+    return np.asarray(taken, dtype=np.int64)
+
+
+def _shuffled_groups(
+    labels: np.ndarray, members: np.ndarray, rng: np.random.Generator
+) -> tuple[list[str], list[np.ndarray]]:
+    """Classes of ``members`` in a seeded order, each with its members shuffled."""
+    classes = sorted(set(labels[members]))
+    groups = [rng.permutation(members[labels[members] == c]) for c in classes]
+    order = rng.permutation(len(classes))
+    return [classes[i] for i in order], [groups[i] for i in order]
+
+
+def distractor_splits(
+    dataset: LabelledImages, object_queries: int = TINI_OBJECT_QUERIES, seed: int = 0
+) -> dict[str, RecognitionSplit]:
+    """The ``"86.5%"`` and ``"50%"`` test splits of a dataset with a distractor class (see the module doc)."""
+    if dataset.distractor is None:
+        raise ConfigError("the distractor protocol needs a dataset with a distractor class")
+    labels = np.asarray(dataset.labels, dtype=object)
+    distractors = np.flatnonzero(labels == dataset.distractor)
+    objects = np.flatnonzero(labels != dataset.distractor)
+    classes, groups = _shuffled_groups(labels, objects, np.random.default_rng(seed))
+    if object_queries > len(classes):
+        raise ConfigError(
+            f"{object_queries} object queries from different classes, but {len(classes)} classes"
+        )
+    drawn = _round_robin(groups, max(object_queries, len(distractors)))
+    splits = {}
+    for name, n in ((TINI, object_queries), (BALANCED, len(distractors))):
+        chosen = drawn[:n]
+        queries = np.sort(np.concatenate([distractors, chosen]))
+        splits[name] = RecognitionSplit(name, queries, np.setdiff1d(objects, chosen))
+    return splits
+
+
+def shared_references(splits: dict[str, RecognitionSplit]) -> np.ndarray:
+    """The images that are references in every split: the pool for validation and whitening."""
+    pools = [s.references for s in splits.values()]
+    pool = pools[0]
+    for other in pools[1:]:
+        pool = np.intersect1d(pool, other)
+    return pool
+
+
+def validation_folds(
+    labels: Sequence[str] | np.ndarray,
+    pool: np.ndarray,
+    object_queries: int,
+    distractor_queries: int,
+    folds: int = 3,
+    heldout: int = 20,
+    seed: int = 1,
+    name: str = "validation",
+) -> list[RecognitionSplit]:
+    """Seeded folds inside ``pool``: ``heldout`` classes give ``distractor_queries`` pseudo-distractors,
+    the other classes ``object_queries`` object queries (round-robin, so the first ones come from
+    different classes) and the references. Fold ``f`` uses ``default_rng([seed, f])``; two calls with the
+    same seed but other counts draw the same classes and nested queries."""
+    labels = np.asarray(labels, dtype=object)
+    pool = np.asarray(pool, dtype=np.int64)
+    out = []
+    for fold in range(folds):
+        rng = np.random.default_rng([seed, fold])
+        classes, groups = _shuffled_groups(labels, pool, rng)
+        if heldout >= len(classes):
+            raise ConfigError(f"cannot hold out {heldout} of {len(classes)} classes")
+        pseudo = _round_robin(groups[:heldout], distractor_queries)
+        chosen = _round_robin(groups[heldout:], object_queries)
+        kept = np.concatenate(groups[heldout:]) if groups[heldout:] else np.empty(0, np.int64)
+        queries = np.sort(np.concatenate([pseudo, chosen]))
+        out.append(RecognitionSplit(f"{name}-{fold}", queries, np.setdiff1d(kept, chosen)))
+    return out
+
+
+def score(
+    predictions: Sequence[Prediction], labels: Sequence[str] | np.ndarray, split: RecognitionSplit
+) -> Score:
+    """GAP and accuracy of one prediction per query of ``split``; a query whose class has no reference
+    (a distractor, real or pseudo) counts as a distractor."""
+    labels = np.asarray(labels, dtype=object)
+    truth = list(labels[split.queries])
+    known = set(labels[split.references])
+    predicted = [p.label for p in predictions]
+    confidences = np.array([p.confidence for p in predictions], dtype=np.float64)
+    confidences[~np.isfinite(confidences)] = -np.inf
+    confidences = np.nan_to_num(confidences, neginf=-1e300)
+    return Score(
+        global_average_precision(predicted, confidences, truth, known), accuracy(predicted, truth, known)
+    )
+
+
+# ---- the ladder ------------------------------------------------------------------------------------------
+
+KS: Final = (1, 3, 7, 13, 17, 23)
+ALPHAS: Final = (0.5, 0.7, 0.9, 1.1)
+SHORTLIST: Final = 100
+VERIFIED: Final = max(KS)
+SYMBOLS: Final = {"identity": "x", "square": "x²", "sqrt": "√x", "log": "ln(x+e)"}
+MODELS: Final = {"logistic": 0, "mlp": 16}  # verifier name → hidden width
+STAGES: Final = (
+    "1-NN",
+    "k-NN",
+    "mean k-NN",
+    "α-expanded",
+    "+ PCA-whitening",
+    "similarity matrix",
+    "aggregation: weights",
+    "aggregation",
+    "+ verifier (no local features)",
+    "+ verifier",
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration: a descriptor ``space`` (see :func:`describe_space`), a voting ``rule``
+    (``1nn``, ``knn``, ``mean``, ``alpha``), a transform name, ``k`` and ``alpha``."""
+
+    space: str
+    rule: str = "knn"
+    transform: str = "identity"
+    k: int = 1
+    alpha: float | None = None
+
+
+@dataclass(frozen=True)
+class LadderRow:
+    """A configuration of a stage with its mean validation score and its test score."""
+
+    variant: str
+    stage: str
+    description: str
+    config: Config
+    validation: Score
+    test: Score
+    selected: bool = False
+
+
+@dataclass(frozen=True)
+class LadderResult:
+    """Every configuration evaluated (``rows``), the seconds each stage took, the verifier's training size."""
+
+    rows: tuple[LadderRow, ...]
+    stage_seconds: tuple[tuple[str, float], ...]
+    verifier_pairs: int
+
+    def summary(self, variant: str) -> list[LadderRow]:
+        """The selected configuration of each stage, in ladder order."""
+        return [r for r in self.rows if r.variant == variant and r.selected]
+
+
+def _bits(weights: np.ndarray) -> str:
+    return "".join("1" if w else "0" for w in weights)
+
+
+def describe_space(space: str, scales: Sequence[float]) -> str:
+    """Readable name of a space key: ``agg:<bits>[+w]`` (scales summed, optionally PCA-whitened),
+    ``mx:<reducer>[+w]`` (similarity matrices, optionally whitened per scale) or ``<base>|<model>|<rule>``
+    (the base space's shortlist re-scored by a verifier)."""
+    if "|" in space:
+        base, model, rule = space.split("|")
+        how = "s·P(same)" if rule == "product" else "P(same)"
+        return f"{describe_space(base, scales)}, top {VERIFIED} re-scored by the {model} verifier ({how})"
+    kind, _, rest = space.partition(":")
+    name, whiten = rest.removesuffix("+w"), rest.endswith("+w")
+    if kind == "mx":
+        n = len(scales)
+        return f"{n}×{n} similarity matrix, {name}" + (", whitened per scale" if whiten else "")
+    chosen = [f"{s:.2g}" for s, b in zip(scales, name, strict=True) if b == "1"]
+    text = f"scale {chosen[0]}" if len(chosen) == 1 else f"scales {'+'.join(chosen)} summed"
+    return text + (", PCA-whitened" if whiten else "")
+
+
+def describe(config: Config, scales: Sequence[float]) -> str:
+    """Readable name of a configuration."""
+    sym = SYMBOLS.get(config.transform, config.transform)
+    rule = {
+        "1nn": "1-NN",
+        "knn": f"k-NN {sym}, k={config.k}",
+        "mean": f"mean k-NN {sym}, k={config.k}",
+        "alpha": f"α-expanded mean k-NN {sym}, k={config.k}, α={config.alpha}",
+    }[config.rule]
+    return f"{rule} — {describe_space(config.space, scales)}"
+
+
+class AlphaVoter:
+    """α-expanded mean k-NN computed through per-class Gram matrices: the rule of
+    :func:`~lookalike.recognize.knn.alpha_mean_knn_classify`, with ``q · μ_c = Σ_{i∈M} s_i / ‖Σ_{i∈M} x_i‖``
+    and ``‖Σ_{i∈M} x_i‖² = Σ_{i,j∈M} G_ij``, so a grid of α and k costs no further products."""
+
+    def __init__(self, xq: np.ndarray, xb: np.ndarray, labels: np.ndarray) -> None:
+        self.labels = np.asarray(labels, dtype=object)
+        self.sims = (xq @ xb.T).astype(np.float64)
+        self.classes = class_index(self.labels)
+        self.position = np.empty(len(self.labels), dtype=np.int64)
+        self.gram = {}
+        for c, ids in self.classes.items():
+            self.position[ids] = np.arange(len(ids))
+            self.gram[c] = (xb[ids] @ xb[ids].T).astype(np.float64)
+
+    def classify(self, ids: np.ndarray, alpha: float, transform: str) -> list[Prediction]:
+        """Predictions for neighbour ids ``(Q, k)`` (reference positions) with expansion ``alpha``."""
+        f = get_transform(transform)
+        out = []
+        for q, row in enumerate(np.asarray(ids, dtype=np.int64)):
+            sims = self.sims[q, row]
+            order = np.argsort(-sims, kind="stable")
+            groups: dict[str, list[int]] = {}
+            for j in order:
+                groups.setdefault(self.labels[row[j]], []).append(int(row[j]))
+            scores = {}
+            for c, neighbours in groups.items():
+                gram, at = self.gram[c], self.position[neighbours]
+                mask = (np.maximum(2.0 - 2.0 * gram[at], 0.0) <= alpha * alpha).any(axis=0)
+                mask[at] = True
+                m = mask.astype(np.float64)
+                norm = float(np.sqrt(max(m @ gram @ m, 0.0)))
+                value = float(self.sims[q, self.classes[c]] @ m) / norm if norm > 1e-12 else 0.0
+                scores[c] = float(f(np.array(value)))
+            best = max(scores.values())
+            label = next(c for c, s in scores.items() if s >= best - TIE_TOLERANCE * max(1.0, abs(best)))
+            found = tuple(Neighbour(int(row[j]), self.labels[row[j]], float(sims[j])) for j in order)
+            out.append(Prediction(label, scores[label], found))
+        return out
+
+
+def _grid(space: str, rules: Sequence[str], alpha: Config | None = None) -> list[Config]:
+    """``rules`` × transforms × k on one space; the α rule takes α and transform from ``alpha``."""
+    configs = [Config(space, "1nn")] if "1nn" in rules else []
+    for rule in (r for r in rules if r in ("knn", "mean")):
+        configs += [Config(space, rule, t, k) for t in TRANSFORMS for k in KS]
+    if "alpha" in rules and alpha is not None:
+        configs += [Config(space, "alpha", alpha.transform, k, alpha.alpha) for k in KS]
+    return configs
+
+
+class _Ladder:
+    def __init__(
+        self,
+        x: np.ndarray,
+        dataset: LabelledImages,
+        splits: dict[str, RecognitionSplit],
+        scales: Sequence[float],
+        local: LocalFeatureCache | None,
+        folds: int,
+        heldout: int,
+        train_queries: int,
+        seed: int,
+        progress: Callable[[str], None] | None,
+    ) -> None:
+        self.x = as_unit_rows(x, "descriptors", ndim=3)
+        self.labels = np.asarray(dataset.labels, dtype=object)
+        if len(self.labels) != len(self.x) or len(scales) != self.x.shape[1] or 1.0 not in scales:
+            raise ConfigError(
+                f"{len(self.labels)} images and {len(scales)} scales (with 1) for {self.x.shape}"
+            )
+        self.scales, self.splits, self.progress = tuple(scales), splits, progress
+        self.pool = shared_references(splits)
+        self.folds = {}
+        for name, split in splits.items():
+            known = set(self.labels[split.references])
+            objects = sum(label in known for label in self.labels[split.queries])
+            self.folds[name] = validation_folds(
+                self.labels, self.pool, objects, len(split.queries) - objects, folds, heldout, seed + 1,
+                f"validation {name}",
+            )  # fmt: skip
+        used = np.unique(np.concatenate([f.queries for fs in self.folds.values() for f in fs]))
+        self.train = validation_folds(
+            self.labels, np.setdiff1d(self.pool, used), train_queries, train_queries, 2, heldout, seed + 101,
+            "verifier training",
+        )  # fmt: skip
+        self.featurizer = PairFeaturizer(self.x, dataset.paths if local else None, local)
+        self.whitenings: dict[str, Whitening] = {}
+        self.shortlists: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+        self.features: dict[tuple[str, str], np.ndarray] = {}
+        self.rows: list[LadderRow] = []
+        self.timings: list[tuple[str, float]] = []
+        self.verifier_pairs = 0
+        self._current: tuple[str, np.ndarray] | None = None
+        self._vectors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._alpha: dict[str, AlphaVoter] = {}
+        self._per_scale: dict[bool, np.ndarray] = {}
+
+    def say(self, message: str) -> None:
+        _log.info(message)
+        if self.progress is not None:
+            self.progress(message)
+
+    # -- spaces and shortlists ------------------------------------------------------------------------
+
+    def whitening(self, bits: str, arr: np.ndarray) -> Whitening:
+        if bits not in self.whitenings:
+            self.whitenings[bits] = fit_pca_whitening(arr[self.pool])
+        return self.whitenings[bits]
+
+    def array(self, space: str) -> np.ndarray:
+        """``(N, D)`` descriptors of an ``agg:`` space (the last one is kept)."""
+        if self._current is not None and self._current[0] == space:
+            return self._current[1]
+        self.release()
+        bits = space.removeprefix("agg:").removesuffix("+w")
+        arr = aggregate(self.x, np.array([b == "1" for b in bits], dtype=np.float64))
+        if space.endswith("+w"):
+            arr = self.whitening(bits, arr).apply(arr)
+        self._current = (space, arr)
+        return arr
+
+    def release(self) -> None:
+        self._current, self._vectors, self._alpha = None, {}, {}
+
+    def vectors(self, space: str, split: RecognitionSplit) -> tuple[np.ndarray, np.ndarray]:
+        if split.name not in self._vectors:
+            arr = self.array(space)
+            self._vectors[split.name] = (arr[split.queries], arr[split.references])
+        return self._vectors[split.name]
+
+    def shortlist(self, space: str, split: RecognitionSplit) -> tuple[np.ndarray, np.ndarray]:
+        """Similarities and reference positions ``(Q, VERIFIED)`` of a space's shortlist, best first."""
+        key = (space, split.name)
+        if key not in self.shortlists:
+            if space.startswith("mx:"):
+                self.matrix_shortlists(space.endswith("+w"), split)
+            else:
+                self.shortlists[key] = exact_search(*self.vectors(space, split), VERIFIED)
+        return self.shortlists[key]
+
+    def per_scale(self, whiten: bool) -> np.ndarray:
+        if whiten not in self._per_scale:
+            eye = np.eye(len(self.scales))
+            self._per_scale[whiten] = (
+                np.stack(
+                    [self.whitening(_bits(e), self.x[:, i]).apply(self.x[:, i]) for i, e in enumerate(eye)], 1
+                )
+                if whiten
+                else self.x
+            )
+        return self._per_scale[whiten]
+
+    def matrix_shortlists(self, whiten: bool, split: RecognitionSplit) -> None:
+        """Shortlists of every reducer: top :data:`SHORTLIST` by the summed scales, re-ranked by the reduced
+        similarity matrices (as :class:`~lookalike.recognize.multiscale.MultiScaleKnn`)."""
+        x3 = self.per_scale(whiten)
+        summed = aggregate(x3[split.queries], np.ones(len(self.scales)))
+        _, short = exact_search(summed, aggregate(x3[split.references], np.ones(len(self.scales))), SHORTLIST)
+        out = {
+            r: (np.empty((len(short), VERIFIED)), np.empty((len(short), VERIFIED), np.int64))
+            for r in REDUCERS
+        }
+        for q, row in enumerate(short):
+            matrices = similarity_matrices(x3[split.queries[q]], x3[split.references[row]])
+            for name, reducer in REDUCERS.items():
+                reduced = reducer(matrices)
+                best = np.argsort(-reduced, kind="stable")[:VERIFIED]
+                out[name][0][q], out[name][1][q] = reduced[best], row[best]
+        for name, result in out.items():
+            self.shortlists[(f"mx:{name}{'+w' if whiten else ''}", split.name)] = result
+
+    # -- evaluating ------------------------------------------------------------------------------------
+
+    def predict(self, c: Config, split: RecognitionSplit) -> list[Prediction]:
+        sims, ids = self.shortlist(c.space, split)
+        labels = self.labels[split.references]
+        if c.rule == "1nn":
+            return nn_classify(sims[:, :1], labels[ids[:, :1]], c.transform, ids[:, :1])
+        if c.rule == "knn":
+            return knn_classify(sims[:, : c.k], labels[ids[:, : c.k]], c.transform, ids[:, : c.k])
+        xq, xb = self.vectors(c.space, split)
+        if c.rule == "mean":
+            return mean_knn_classify(xq, xb, labels, ids[:, : c.k], c.transform)
+        if split.name not in self._alpha:
+            self._alpha[split.name] = AlphaVoter(xq, xb, labels)
+        assert c.alpha is not None
+        return self._alpha[split.name].classify(ids[:, : c.k], c.alpha, c.transform)
+
+    def evaluate(self, stage: str, variant: str, c: Config) -> LadderRow:
+        folds = [score(self.predict(c, f), self.labels, f) for f in self.folds[variant]]
+        test = score(self.predict(c, self.splits[variant]), self.labels, self.splits[variant])
+        validation = Score(
+            float(np.mean([s.gap for s in folds])), float(np.mean([s.accuracy for s in folds]))
+        )
+        return LadderRow(variant, stage, describe(c, self.scales), c, validation, test)
+
+    def stage(self, stage: str, grids: dict[str, list[Config]]) -> dict[str, LadderRow]:
+        """Evaluate every variant's grid (space by space), select by mean validation GAP (ties: first)."""
+        started = time.perf_counter()
+        rows: dict[str, list[LadderRow]] = {v: [] for v in grids}
+        for space in dict.fromkeys(c.space for configs in grids.values() for c in configs):
+            for variant, configs in grids.items():
+                rows[variant] += [self.evaluate(stage, variant, c) for c in configs if c.space == space]
+            self.release()
+        selected = {}
+        for variant, found in rows.items():
+            best = max(range(len(found)), key=lambda i: (found[i].validation.gap, -i))
+            found[best] = replace(found[best], selected=True)
+            self.rows += found
+            selected[variant] = found[best]
+        seconds = time.perf_counter() - started
+        self.timings.append((stage, seconds))
+        picks = "; ".join(f"{v}: {r.description} (val {r.validation.gap:.3f})" for v, r in selected.items())
+        self.say(f"{stage}: {sum(map(len, rows.values()))} configurations in {seconds:.0f} s — {picks}")
+        return selected
+
+    # -- the verifier ---------------------------------------------------------------------------------
+
+    def pair_features(self, base: str, split: RecognitionSplit) -> np.ndarray:
+        key = (base, split.name)
+        if key not in self.features:
+            sims, ids = self.shortlist(base, split)
+            refs = split.references[ids]
+            started = time.perf_counter()
+            self.features[key] = self.featurizer(split.queries, refs, sims, self.labels[refs])
+            self.say(
+                f"pair features of {split.name} ({ids.size} pairs) in {time.perf_counter() - started:.0f} s"
+            )
+        return self.features[key]
+
+    def verifiers(self, base: str) -> dict[str, PairVerifier]:
+        """Pair models trained on the verifier-training folds in ``base``'s shortlists."""
+        features, targets = [], []
+        for split in self.train:
+            features.append(self.pair_features(base, split).reshape(-1, len(self.featurizer.names)))
+            refs = split.references[self.shortlist(base, split)[1]]
+            targets.append((self.labels[split.queries][:, None] == self.labels[refs]).ravel())
+        x, y = np.concatenate(features), np.concatenate(targets)
+        self.verifier_pairs = len(y)
+        n_global = len(feature_names(len(self.scales), local=False))
+        models = {}
+        for name, hidden in MODELS.items():
+            models[f"{name}-global"] = train_verifier(
+                x[:, :n_global], y, self.featurizer.names[:n_global], hidden=hidden
+            )
+            if self.featurizer.local:
+                models[name] = train_verifier(x, y, self.featurizer.names, hidden=hidden)
+        self.say(f"verifiers trained on {len(y)} pairs ({100 * y.mean():.1f}% same class)")
+        return models
+
+    def verify(self, bases: dict[str, str]) -> None:
+        """Stages 8 and 9: shortlists of each variant's base space re-scored by every verifier."""
+        names: list[str] = []
+        for base in dict.fromkeys(bases.values()):
+            models = self.verifiers(base)
+            names = list(models)
+            splits = [s for v, b in bases.items() if b == base for s in (*self.folds[v], self.splits[v])]
+            for split in splits:
+                sims, ids = self.shortlist(base, split)
+                features = self.pair_features(base, split)
+                for name, model in models.items():
+                    p = model.probability(features[..., : len(model.names)])
+                    for rule in RULES:
+                        scores = rescore(sims, p, rule)
+                        order = np.argsort(-scores, axis=1, kind="stable")
+                        self.shortlists[(f"{base}|{name}|{rule}", split.name)] = (
+                            np.take_along_axis(scores, order, axis=1),
+                            np.take_along_axis(ids, order, axis=1),
+                        )
+        for stage, chosen in (
+            ("+ verifier (no local features)", [n for n in names if n.endswith("-global")]),
+            ("+ verifier", [n for n in names if not n.endswith("-global")]),
+        ):
+            if chosen:
+                self.stage(
+                    stage,
+                    {
+                        v: [Config(f"{b}|{m}|{r}", "knn", t, k) for m in chosen for r in RULES for t in TRANSFORMS for k in KS]
+                        for v, b in bases.items()
+                    },
+                )  # fmt: skip
+
+    # -- the whole ladder -----------------------------------------------------------------------------
+
+    def run(self) -> LadderResult:
+        variants = list(self.splits)
+        one = np.zeros(len(self.scales))
+        one[self.scales.index(1.0)] = 1
+        s1 = f"agg:{_bits(one)}"
+        self.stage("1-NN", {v: [Config(s1, "1nn")] for v in variants})
+        self.stage("k-NN", {v: _grid(s1, ["knn"]) for v in variants})
+        mean = self.stage("mean k-NN", {v: _grid(s1, ["mean"]) for v in variants})
+        alpha = self.stage(
+            "α-expanded",
+            {
+                v: [Config(s1, "alpha", mean[v].config.transform, k, a) for a in ALPHAS for k in KS]
+                for v in variants
+            },
+        )
+        rules = ["1nn", "knn", "mean", "alpha"]
+        whitened = self.stage(
+            "+ PCA-whitening", {v: _grid(f"{s1}+w", rules, alpha[v].config) for v in variants}
+        )
+        matrix = {v: [Config(f"mx:{r}{w}", "knn", t, k) for r in REDUCERS for w in ("", "+w") for t in TRANSFORMS for k in KS] for v in variants}  # fmt: skip
+        self.stage("similarity matrix", matrix)
+        self._per_scale = {}
+        weights = [_bits(w) for w in binary_weight_vectors(len(self.scales))]
+        sweep = {}
+        for v in variants:
+            won = whitened[v].validation.gap > alpha[v].validation.gap
+            template = (whitened if won else alpha)[v].config
+            sweep[v] = [replace(template, space=f"agg:{b}{'+w' if won else ''}") for b in weights]
+        chosen = self.stage("aggregation: weights", sweep)
+        final = self.stage(
+            "aggregation", {v: _grid(chosen[v].config.space, rules, alpha[v].config) for v in variants}
+        )
+        self.verify({v: final[v].config.space for v in variants})
+        return LadderResult(tuple(self.rows), tuple(self.timings), self.verifier_pairs)
+
+
+def run_ladder(
+    descriptors: np.ndarray,
+    dataset: LabelledImages,
+    splits: dict[str, RecognitionSplit] | None = None,
+    *,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    local: LocalFeatureCache | None = None,
+    folds: int = 3,
+    heldout: int = 20,
+    train_queries: int = 300,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> LadderResult:
+    """Run the whole ladder on per-image descriptors ``(N, S, D)`` of ``dataset`` (one row per image, at
+    ``scales``) over ``splits`` (default :func:`distractor_splits`).
+
+    ``local`` (a :class:`~lookalike.recognize.features.LocalFeatureCache`) adds SIFT inliers to the
+    verifier's features; without it only the ``+ verifier (no local features)`` stage runs. ``folds``
+    validation folds per variant and 2 verifier-training folds of ``train_queries`` object and as many
+    pseudo-distractor queries are drawn from the shared references with ``heldout`` held-out classes.
+    ``progress`` receives one line per stage.
+    """
+    splits = distractor_splits(dataset, seed=seed) if splits is None else splits
+    ladder = _Ladder(
+        descriptors, dataset, splits, scales, local, folds, heldout, train_queries, seed, progress
+    )
+    return ladder.run()
+
+
+__all__ = [
+    "ALPHAS",
+    "BALANCED",
+    "KS",
+    "SHORTLIST",
+    "STAGES",
+    "TINI",
+    "TINI_OBJECT_QUERIES",
+    "VARIANTS",
+    "VERIFIED",
+    "AlphaVoter",
+    "Config",
+    "LadderResult",
+    "LadderRow",
+    "RecognitionSplit",
+    "Score",
+    "describe",
+    "describe_space",
+    "distractor_splits",
+    "run_ladder",
+    "score",
+    "shared_references",
+    "validation_folds",
+]

@@ -1,0 +1,338 @@
+"""Pairwise verification: does a shortlisted reference show the query's class? A small binary model
+over (query, neighbour) pair features re-scores the shortlist before the k-NN vote.
+
+Pair features (:func:`pair_features`, names from :func:`feature_names`), for the neighbour at rank ``j``
+(0-based) of a query's shortlist of ``V``:
+
+* ``similarity`` — the global similarity ``s_j`` the shortlist was ranked by; ``log_rank`` = ``ln(1 + j)``;
+* ``top_similarity`` ``s_0`` and ``gap`` ``s_0 − s_j`` — how the query's best match looks (a distractor's
+  best match tends to be weak);
+* ``agreement`` — the fraction of the ``V`` shortlisted references that share the neighbour's label
+  (distractors get mixed shortlists);
+* ``m_<i><j>`` — the ``S × S`` multi-scale similarity matrix ``q_i · r_j`` (query scale ``i``, reference
+  scale ``j``), flattened, followed by its six reductions (:data:`~lookalike.recognize.multiscale.REDUCERS`);
+* ``log_matches`` and ``log_inliers`` — ``ln(1 + n)`` of the local-feature matches that pass the ratio
+  test and of the RANSAC inliers among them (:mod:`~lookalike.recognize.features`).
+
+The model (:class:`PairVerifier`) standardises the features (mean and scale stored with it) and is a
+logistic regression (``hidden=0``) or a one-hidden-layer ReLU MLP, trained by full-batch Adam on the
+cross-entropy with a little L2, from a seeded initialisation: the same data and seed give the same model.
+It is saved as a plain ``.npz`` and loaded with ``allow_pickle=False``.
+
+:func:`rescore` turns the shortlist similarities into the scores the k-NN vote sums: ``s · P(same)``
+(``"product"``) or ``P(same)`` alone (``"probability"``). A distractor query, whose neighbours all get a
+low ``P(same)``, ends with a low confidence.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+
+from lookalike.atomic import save_npz_atomic
+from lookalike.errors import ConfigError
+from lookalike.recognize.features import LocalFeatureCache, MatchResult, match_features
+from lookalike.recognize.multiscale import REDUCERS, similarity_matrices
+
+_log = logging.getLogger(__name__)
+
+RULES: Final = ("product", "probability")
+_FORMAT_VERSION: Final = 1
+_CONTEXT: Final = ("similarity", "log_rank", "top_similarity", "gap", "agreement")
+_LOCAL: Final = ("log_matches", "log_inliers")
+
+
+def feature_names(n_scales: int, local: bool = True) -> tuple[str, ...]:
+    """Names of the pair features for ``n_scales`` scales, with or without the local-feature pair."""
+    matrix = tuple(f"m_{i}{j}" for i in range(n_scales) for j in range(n_scales))
+    reduced = tuple(f"r_{name}" for name in REDUCERS) if n_scales > 0 else ()
+    return _CONTEXT + matrix + reduced + (_LOCAL if local else ())
+
+
+def pair_features(
+    similarities: np.ndarray,
+    labels: np.ndarray,
+    matrices: np.ndarray | None = None,
+    matches: np.ndarray | None = None,
+) -> np.ndarray:
+    """Pair features ``(Q, V, F)`` float32 for shortlists of ``V`` neighbours per query.
+
+    ``similarities`` ``(Q, V)`` ranked best first and ``labels`` ``(Q, V)`` the neighbours' labels;
+    ``matrices`` ``(Q, V, S, S)`` the multi-scale similarity matrices (None: no matrix features);
+    ``matches`` ``(Q, V, 2)`` the ratio-test matches and RANSAC inliers (None: no local features).
+    """
+    sims = np.asarray(similarities, dtype=np.float64)
+    labels = np.asarray(labels, dtype=object)
+    if sims.ndim != 2 or labels.shape != sims.shape or sims.shape[1] == 0:
+        raise ConfigError(
+            f"similarities and labels must both be (Q, V > 0), got {sims.shape}, {labels.shape}"
+        )
+    q, v = sims.shape
+    rank = np.broadcast_to(np.log1p(np.arange(v, dtype=np.float64)), (q, v))
+    top = np.broadcast_to(sims[:, :1], (q, v))
+    agreement = np.array([[np.mean(row == label) for label in row] for row in labels]).reshape(q, v)
+    parts = [sims, rank, top, top - sims, agreement]
+    columns = [p[..., None] for p in parts]
+    if matrices is not None:
+        m = np.asarray(matrices, dtype=np.float64)
+        if m.ndim != 4 or m.shape[:2] != (q, v) or m.shape[2] != m.shape[3]:
+            raise ConfigError(f"matrices must be (Q, V, S, S) = ({q}, {v}, S, S), got {m.shape}")
+        flat = m.reshape(q * v, m.shape[2], m.shape[3])
+        columns.append(m.reshape(q, v, -1))
+        columns.append(np.stack([r(flat) for r in REDUCERS.values()], axis=1).reshape(q, v, -1))
+    if matches is not None:
+        counts = np.asarray(matches, dtype=np.float64)
+        if counts.shape != (q, v, 2):
+            raise ConfigError(f"matches must be (Q, V, 2) = ({q}, {v}, 2), got {counts.shape}")
+        columns.append(np.log1p(np.maximum(counts, 0.0)))
+    return np.concatenate(columns, axis=2).astype(np.float32)
+
+
+# ---- computing the pair features of shortlists -----------------------------------------------------------
+
+
+class PairFeaturizer:
+    """Pair features for shortlists over one image set: per-scale descriptors ``(N, S, D)`` and, when a
+    ``cache`` of local features is given, the files ``paths`` (N,) for SIFT matching.
+
+    Query and neighbour are both indices into that set. Match counts are remembered per (query,
+    neighbour), so a pair shortlisted again (another fold, another variant) is matched once.
+    """
+
+    def __init__(
+        self,
+        descriptors: np.ndarray,
+        paths: Sequence[str | Path] | None = None,
+        cache: LocalFeatureCache | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.descriptors = np.asarray(descriptors)
+        if self.descriptors.ndim != 3:
+            raise ConfigError(f"descriptors must be (N, S, D), got {self.descriptors.shape}")
+        if cache is not None and (paths is None or len(paths) != len(self.descriptors)):
+            raise ConfigError("local features need one path per descriptor")
+        self.paths = [Path(p) for p in paths] if paths is not None else None
+        self.cache = cache
+        self.progress = progress
+        self._matches: dict[tuple[int, int], MatchResult] = {}
+
+    @property
+    def local(self) -> bool:
+        return self.cache is not None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return feature_names(self.descriptors.shape[1], self.local)
+
+    def match(self, query: int, reference: int) -> MatchResult:
+        """Ratio-test matches and RANSAC inliers from image ``query`` to image ``reference``."""
+        key = (int(query), int(reference))
+        if key not in self._matches:
+            assert self.cache is not None and self.paths is not None
+            a, b = self.cache.get(self.paths[key[0]]), self.cache.get(self.paths[key[1]])
+            self._matches[key] = match_features(a, b)
+        return self._matches[key]
+
+    def __call__(
+        self, queries: np.ndarray, ids: np.ndarray, similarities: np.ndarray, labels: np.ndarray
+    ) -> np.ndarray:
+        """Features ``(Q, V, F)`` for image indices ``queries`` (Q,) and their shortlists ``ids`` (Q, V)."""
+        queries = np.asarray(queries, dtype=np.int64)
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[0] != queries.shape[0]:
+            raise ConfigError(f"shortlists must be (Q, V) for {queries.shape[0]} queries, got {ids.shape}")
+        x = self.descriptors
+        matrices = np.stack([similarity_matrices(x[q], x[row]) for q, row in zip(queries, ids, strict=True)])
+        matches = None
+        if self.local:
+            matches = np.zeros((*ids.shape, 2))
+            for i, (q, row) in enumerate(zip(queries, ids, strict=True)):
+                for j, r in enumerate(row):
+                    matches[i, j] = self.match(q, r)
+                if self.progress is not None:
+                    self.progress(i + 1, len(queries))
+        return pair_features(similarities, labels, matrices, matches)
+
+
+# ---- the model -------------------------------------------------------------------------------------------
+
+
+def _relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0.0)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+@dataclass(frozen=True, eq=False)
+class PairVerifier:
+    """``P(same class)`` for pair features: standardise with ``mean``/``scale``, then a logistic
+    regression (``weights = (w (F, 1),)``) or an MLP (``(W1 (F, H), W2 (H, 1))``, ReLU) with ``biases``."""
+
+    names: tuple[str, ...]
+    mean: np.ndarray
+    scale: np.ndarray
+    weights: tuple[np.ndarray, ...]
+    biases: tuple[np.ndarray, ...]
+
+    def __post_init__(self) -> None:
+        f = len(self.names)
+        if self.mean.shape != (f,) or self.scale.shape != (f,) or not (self.scale > 0).all():
+            raise ConfigError(f"a verifier over {f} features needs mean and positive scale of shape ({f},)")
+        if len(self.weights) not in (1, 2) or len(self.biases) != len(self.weights):
+            raise ConfigError("a verifier has one (logistic) or two (MLP) layers")
+        width = f
+        for w, b in zip(self.weights, self.biases, strict=True):
+            if w.ndim != 2 or w.shape[0] != width or b.shape != (w.shape[1],):
+                raise ConfigError(f"layer shapes do not chain: weights {w.shape}, biases {b.shape}")
+            width = w.shape[1]
+        if width != 1:
+            raise ConfigError(f"the last layer must have one output, got {width}")
+
+    @property
+    def hidden(self) -> int:
+        """Width of the hidden layer, 0 for a logistic regression."""
+        return 0 if len(self.weights) == 1 else int(self.weights[0].shape[1])
+
+    def _logits(self, z: np.ndarray) -> np.ndarray:
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            z = z @ w + b
+            if i + 1 < len(self.weights):
+                z = _relu(z)
+        return z[..., 0]
+
+    def probability(self, features: np.ndarray) -> np.ndarray:
+        """``P(same)`` for features ``(..., F)``, float64 of shape ``(...)``."""
+        x = np.asarray(features, dtype=np.float64)
+        if x.shape[-1:] != (len(self.names),):
+            raise ConfigError(f"expected {len(self.names)} pair features, got shape {x.shape}")
+        return _sigmoid(self._logits((x - self.mean) / self.scale))
+
+    def save(self, path: str | Path) -> None:
+        """Write the model as plain arrays (no pickle)."""
+        layers = {f"w{i}": w for i, w in enumerate(self.weights)}
+        layers |= {f"b{i}": b for i, b in enumerate(self.biases)}
+        save_npz_atomic(
+            path,
+            version=np.int64(_FORMAT_VERSION),
+            names=np.array(self.names, dtype=str),
+            mean=self.mean,
+            scale=self.scale,
+            layers=np.int64(len(self.weights)),
+            **layers,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> PairVerifier:
+        """Read a model written by :meth:`save`."""
+        with np.load(path, allow_pickle=False) as data:
+            if int(data["version"]) != _FORMAT_VERSION:
+                raise ConfigError(
+                    f"{path}: verifier format {int(data['version'])}, expected {_FORMAT_VERSION}"
+                )
+            n = int(data["layers"])
+            return cls(
+                names=tuple(str(s) for s in data["names"]),
+                mean=data["mean"].astype(np.float64),
+                scale=data["scale"].astype(np.float64),
+                weights=tuple(data[f"w{i}"].astype(np.float64) for i in range(n)),
+                biases=tuple(data[f"b{i}"].astype(np.float64) for i in range(n)),
+            )
+
+
+def train_verifier(
+    features: np.ndarray,
+    targets: np.ndarray,
+    names: Sequence[str] | None = None,
+    hidden: int = 16,
+    epochs: int = 400,
+    learning_rate: float = 0.02,
+    l2: float = 1e-4,
+    seed: int = 0,
+) -> PairVerifier:
+    """Fit a :class:`PairVerifier` on features ``(M, F)`` and boolean ``targets`` ``(M,)`` (same class?).
+
+    Full-batch Adam on the mean cross-entropy plus ``l2 · ‖W‖²``; weights start from
+    ``numpy.random.default_rng(seed)`` (He initialisation), biases at 0 except the output bias at the
+    log-odds of the positives. ``hidden=0`` is a logistic regression.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    y = np.asarray(targets, dtype=bool).astype(np.float64)
+    if x.ndim != 2 or y.shape != (x.shape[0],) or x.shape[0] < 2:
+        raise ConfigError(f"training needs features (M ≥ 2, F) and targets (M,), got {x.shape}, {y.shape}")
+    if not np.isfinite(x).all():
+        raise ConfigError("pair features contain NaN or infinity")
+    if y.min() == y.max():
+        raise ConfigError("training pairs must include both same-class and different-class pairs")
+    names = tuple(names) if names is not None else tuple(f"f{i}" for i in range(x.shape[1]))
+    if len(names) != x.shape[1]:
+        raise ConfigError(f"{len(names)} feature names for {x.shape[1]} features")
+    if hidden < 0:
+        raise ConfigError(f"hidden must be ≥ 0, got {hidden}")
+    mean = x.mean(axis=0)
+    scale = x.std(axis=0)
+    scale = np.where(scale > 1e-9, scale, 1.0)
+    z = (x - mean) / scale
+    rng = np.random.default_rng(seed)
+    widths = [x.shape[1], *([hidden] if hidden else []), 1]
+    params = []
+    for fan_in, fan_out in itertools.pairwise(widths):
+        params += [rng.standard_normal((fan_in, fan_out)) * np.sqrt(2.0 / fan_in), np.zeros(fan_out)]
+    prior = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
+    params[-1][:] = np.log(prior / (1 - prior))
+    moments = [(np.zeros_like(p), np.zeros_like(p)) for p in params]
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    m = len(y)
+    for step in range(1, epochs + 1):
+        grads = _gradients(params, z, y, l2)
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+            first, second = moments[i]
+            first[...] = beta1 * first + (1 - beta1) * g
+            second[...] = beta2 * second + (1 - beta2) * g * g
+            p -= learning_rate * (first / (1 - beta1**step)) / (np.sqrt(second / (1 - beta2**step)) + eps)
+    verifier = PairVerifier(names, mean, scale, tuple(params[0::2]), tuple(params[1::2]))
+    _log.info("verifier trained on %d pairs (%.1f%% same class), hidden=%d", m, 100 * prior, hidden)
+    return verifier
+
+
+def _gradients(params: list[np.ndarray], z: np.ndarray, y: np.ndarray, l2: float) -> list[np.ndarray]:
+    """Gradients of the mean cross-entropy + ``l2 · Σ‖W‖²`` for layers ``[W1, b1, (W2, b2)]``."""
+    m = len(y)
+    if len(params) == 2:
+        w, b = params
+        delta = (_sigmoid(z @ w + b)[:, 0] - y)[:, None] / m
+        return [z.T @ delta + 2 * l2 * w, delta.sum(axis=0)]
+    w1, b1, w2, b2 = params
+    pre = z @ w1 + b1
+    hidden = _relu(pre)
+    delta = (_sigmoid(hidden @ w2 + b2)[:, 0] - y)[:, None] / m
+    back = (delta @ w2.T) * (pre > 0)
+    return [z.T @ back + 2 * l2 * w1, back.sum(axis=0), hidden.T @ delta + 2 * l2 * w2, delta.sum(axis=0)]
+
+
+def rescore(similarities: np.ndarray, probabilities: np.ndarray, rule: str = "product") -> np.ndarray:
+    """Shortlist scores for the vote: ``s · p`` (``"product"``, negative ``s`` clipped to 0) or ``p``."""
+    if rule not in RULES:
+        raise ConfigError(f"unknown re-scoring rule {rule!r}; expected one of {', '.join(RULES)}")
+    p = np.asarray(probabilities, dtype=np.float64)
+    if rule == "probability":
+        return p
+    return np.maximum(np.asarray(similarities, dtype=np.float64), 0.0) * p
+
+
+__all__ = [
+    "RULES",
+    "PairFeaturizer",
+    "PairVerifier",
+    "feature_names",
+    "pair_features",
+    "rescore",
+    "train_verifier",
+]
