@@ -26,7 +26,7 @@ def collection_path(option: Path | None) -> Path:
 
 
 COLLECTION = typer.Option(
-    None, "--collection", "-c", help="Collection folder [default: $LOOKALIKE_COLLECTION or ./.lookalike]."
+    None, "--collection", "-c", help="Collection folder (default: $LOOKALIKE_COLLECTION, else ./.lookalike)."
 )
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bar, no table.")
 JSON = typer.Option(False, "--json", help="Machine-readable output (JSON lines).")
@@ -76,17 +76,17 @@ def show_summary(report: SyncReport, collection: Collection) -> None:
 def index(
     folder: Path = typer.Argument(..., help="Folder of photos, walked recursively (hidden files ignored)."),
     collection: Path = typer.Option(
-        None, "--collection", "-c", help="Collection folder [default: FOLDER/.lookalike]."
+        None, "--collection", "-c", help="Collection folder (default: FOLDER/.lookalike)."
     ),
     model: str = typer.Option(
-        None, "--model", "-m", help="Registry name [default: resnet50.keras-imagenet]."
+        None, "--model", "-m", help="Registry name (default: resnet50.keras-imagenet)."
     ),
-    pooling: str = typer.Option(None, "--pooling", help="mac, spoc, rmac or gem [default: gem]."),
+    pooling: str = typer.Option(None, "--pooling", help="mac, spoc, rmac or gem (default: gem)."),
     whiten: str = typer.Option(
         None, "--whiten", help="none, pca (fit on this collection) or learned (see `whiten fit`)."
     ),
-    scales: str = typer.Option(None, "--scales", help="single, ms, seed-ms or a list [default: single]."),
-    imsize: int = typer.Option(None, "--imsize", help="Long side cap [default: 1024]."),
+    scales: str = typer.Option(None, "--scales", help="single, ms, seed-ms or a list (default: single)."),
+    imsize: int = typer.Option(None, "--imsize", help="Long side cap (default: 1024)."),
     precision: str = typer.Option(
         "auto", "--precision", help="auto, fp32 or bf16 (speed only; not a setting)."
     ),

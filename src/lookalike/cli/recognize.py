@@ -24,10 +24,10 @@ def recognize(
     k: int = typer.Option(7, "-k", help="Neighbours that vote (1-NN uses 1)."),
     transform: str = typer.Option("identity", "--transform", help=f"One of: {', '.join(TRANSFORMS)}."),
     alpha: float = typer.Option(
-        None, "--alpha", help=f"Expansion distance of --method alpha [default: {DEFAULT_ALPHA}]."
+        None, "--alpha", help=f"Expansion distance of --method alpha (default: {DEFAULT_ALPHA})."
     ),
     labels: Path = typer.Option(
-        None, "--labels", help="CSV of path,label [default: the first folder below the collection root]."
+        None, "--labels", help="CSV of path,label (default: the first folder below the collection root)."
     ),
     bbox: str = typer.Option(None, "--bbox", help="Crop the query to x0,y0,x1,y1 first."),
     as_json: bool = JSON,

@@ -1,0 +1,153 @@
+"""`lookalike recognize` through the real entry point, on a labelled folder of the bundled sample photos:
+one folder per photo holding the photo, its mirror image and its centre crop; the queries are other
+versions of the photos, which are not indexed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageEnhance
+
+from lookalike.collection import Collection
+from lookalike.recognize import Prediction
+from lookalike.recognize.service import Recognizer, folder_label, read_labels
+from tests.conftest import SAMPLE, require_weights
+from tests.corpus import variant
+
+pytestmark = pytest.mark.weights
+
+CLASSES = ("astronaut", "cat", "coffee", "hubble", "rocket")
+SETTINGS = ("--imsize", "160", "--precision", "fp32")
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "lookalike", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=dict(os.environ), timeout=600)
+
+
+def succeeded(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """photos/<class>/{whole,flip,crop}.jpg indexed into a collection, a stray unlabelled photo in the
+    root, and queries that are not indexed."""
+    require_weights("resnet50.keras-imagenet")
+    base = tmp_path_factory.mktemp("recognize")
+    photos = base / "photos"
+    for name in CLASSES:
+        (photos / name).mkdir(parents=True)
+        for kind in ("whole", "flip", "crop"):
+            variant(SAMPLE / f"{name}.jpg", kind).save(photos / name / f"{kind}.jpg", quality=92)
+    Image.open(SAMPLE / "cells.jpg").save(photos / "stray.jpg")
+    queries = base / "queries"
+    queries.mkdir()
+    (queries / "cat.jpg").write_bytes((SAMPLE / "cat-crop-flip.jpg").read_bytes())
+    (queries / "coffee.jpg").write_bytes((SAMPLE / "coffee-rotated-dark.jpg").read_bytes())
+    dark = ImageEnhance.Brightness(variant(SAMPLE / "rocket.jpg", "crop-flip")).enhance(0.7)
+    dark.save(queries / "rocket.jpg", quality=85)
+    collection = base / "collection"
+    succeeded(run("index", str(photos), "--collection", str(collection), "--quiet", *SETTINGS))
+    return {"photos": photos, "queries": queries, "collection": collection}
+
+
+@pytest.mark.parametrize("name", ["cat", "coffee", "rocket"])
+def test_recognize_json_names_the_class_and_its_neighbours(labelled: dict[str, Path], name: str) -> None:
+    query = labelled["queries"] / f"{name}.jpg"
+    result = succeeded(run("recognize", str(query), "--collection", str(labelled["collection"]), "--json"))
+    record = json.loads(result.stdout)
+    assert record["label"] == name
+    assert record["query"] == str(query)
+    neighbours = record["neighbours"]
+    assert 1 <= len(neighbours) <= 7
+    assert neighbours[0]["label"] == name and neighbours[0]["path"].startswith(f"{name}/")
+    assert [n["rank"] for n in neighbours] == list(range(1, len(neighbours) + 1))
+    assert all(n["path"] != "stray.jpg" for n in neighbours)  # not labelled: never a reference
+    similarities = [n["similarity"] for n in neighbours]
+    assert similarities == sorted(similarities, reverse=True)
+    # k-NN with the identity transform: the confidence is the sum of the winning class's similarities
+    assert record["confidence"] == pytest.approx(
+        sum(n["similarity"] for n in neighbours if n["label"] == name), abs=1e-4
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "count"),
+    [
+        (("--method", "1nn"), 1),
+        (("--method", "mean", "-k", "3", "--transform", "sqrt"), 3),
+        (("--method", "alpha", "-k", "3", "--alpha", "1.2"), 3),
+        (("-k", "15", "--transform", "square"), 15),
+    ],
+)
+def test_recognize_methods(labelled: dict[str, Path], options: tuple[str, ...], count: int) -> None:
+    query = labelled["queries"] / "cat.jpg"
+    args = ("recognize", str(query), "-c", str(labelled["collection"]), "--json", *options)
+    record = json.loads(succeeded(run(*args)).stdout)
+    assert record["label"] == "cat"
+    assert len(record["neighbours"]) == count
+
+
+def test_recognize_labels_from_csv(labelled: dict[str, Path], tmp_path: Path) -> None:
+    """A CSV relabels the references; images it does not list (here: the coffee ones) are ignored."""
+    rows = ["path,label"] + [
+        f"{name}/{kind}.jpg,{'feline' if name == 'cat' else 'other'}"
+        for name in CLASSES
+        if name != "coffee"
+        for kind in ("whole", "flip", "crop")
+    ]
+    csv_file = tmp_path / "labels.csv"
+    csv_file.write_text("\n".join(rows) + "\n")
+    args = ("-c", str(labelled["collection"]), "--labels", str(csv_file), "--json", "-k", "3")
+    cat = json.loads(succeeded(run("recognize", str(labelled["queries"] / "cat.jpg"), *args)).stdout)
+    assert cat["label"] == "feline"
+    coffee = json.loads(succeeded(run("recognize", str(labelled["queries"] / "coffee.jpg"), *args)).stdout)
+    assert all(not n["path"].startswith("coffee/") for n in coffee["neighbours"])
+
+
+def test_recognize_table_and_indexed_query(labelled: dict[str, Path]) -> None:
+    result = succeeded(run("recognize", "hubble/flip.jpg", "-c", str(labelled["collection"]), "--json"))
+    record = json.loads(result.stdout)
+    assert record["label"] == "hubble"
+    assert record["neighbours"][0]["path"] == "hubble/flip.jpg"  # an indexed image finds itself first
+    assert record["neighbours"][0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_recognize_errors_are_one_line(labelled: dict[str, Path], tmp_path: Path) -> None:
+    query = str(labelled["queries"] / "cat.jpg")
+    bad = run("recognize", query, "-c", str(labelled["collection"]), "--method", "vote")
+    assert bad.returncode == 1 and "unknown kNN method" in bad.stderr and "Traceback" not in bad.stderr
+    empty = tmp_path / "empty.csv"
+    empty.write_text("path,label\n")
+    none = run("recognize", query, "-c", str(labelled["collection"]), "--labels", str(empty))
+    assert none.returncode == 1 and "no indexed image" in none.stderr and "Traceback" not in none.stderr
+
+
+def test_recognizer_api(labelled: dict[str, Path]) -> None:
+    with Collection.open(labelled["collection"], readonly=True) as collection:
+        recognizer = Recognizer(collection, method="knn", k=3, transform="sqrt")
+        assert recognizer.classes == sorted(CLASSES)
+        prediction = recognizer.recognize(Image.open(labelled["queries"] / "rocket.jpg"))
+        assert isinstance(prediction, Prediction)
+        assert prediction.label == "rocket"
+        assert recognizer.path(prediction.neighbours[0].id).startswith("rocket/")
+
+
+def test_labels_helpers(tmp_path: Path) -> None:
+    assert folder_label("cats/2019/a.jpg") == "cats"
+    assert folder_label("a.jpg") is None
+    assert folder_label("/elsewhere/cats/a.jpg") is None
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\na.jpg, cat\n\nb/c.jpg,dog\n")
+    assert read_labels(labels) == {"a.jpg": "cat", "b/c.jpg": "dog"}
+    labels.write_text("a.jpg\n")
+    with pytest.raises(ValueError, match="expected 'path,label'"):
+        read_labels(labels)
