@@ -35,4 +35,4 @@ def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> None:
         if np.asarray(array).dtype == object:
             raise ValueError(f"array {name!r} has dtype object; only plain arrays are saved")
     with atomic_write(path) as handle:
-        np.savez(handle, **arrays)
+        np.savez(handle, **arrays)  # type: ignore[arg-type]

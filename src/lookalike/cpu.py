@@ -51,7 +51,7 @@ class CpuInfo:
 
 
 def _read_cpuinfo() -> tuple[str, frozenset[str]]:
-    model, flags = platform.processor() or platform.machine(), frozenset()
+    model, flags = platform.processor() or platform.machine(), frozenset[str]()
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:

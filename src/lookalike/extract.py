@@ -17,6 +17,7 @@ from PIL import Image
 from lookalike.errors import ConfigError, ImageError
 from lookalike.images import DEFAULT_MAX_PIXELS, crop_bbox, load_image, resize_long_side, resize_max_side
 from lookalike.network import InferenceNet, Precision, build_descriptor_net
+from lookalike.pooling import gem_power
 from lookalike.precision import resolve_precision
 from lookalike.registry import DEFAULT_MODEL, ModelConfig, get_model_config
 from lookalike.transforms import to_tensor
@@ -99,7 +100,7 @@ class Extractor:
         self.precision: Precision = resolve_precision(reference, self.config, self.settings.precision)
         self.net = InferenceNet(reference, self.precision)
         self.reference_net = reference
-        p = float(reference.pool.p.item()) if hasattr(reference.pool, "p") else 1.0
+        p = gem_power(reference.pool) or 1.0
         self.scale_power = scale_combination_power(self.settings.pooling, p, reference.whiten is not None)
 
     @property

@@ -55,12 +55,12 @@ def build_descriptor_net(config: ModelConfig, pooling: str, gem_p: float | None 
     head_keys = ("pool.", "whiten.", "lw_")
     backbone_state = {k: v for k, v in state.items() if not k.startswith(head_keys)}
     if not config.has_classifier:
-        backbone.fc = None
+        backbone.fc = None  # type: ignore[assignment]
     load_into(backbone, backbone_state, config.name)
-    arguments = {"p": gem_p if gem_p is not None else config.gem_p} if pooling == "gem" else {}
-    pool = build_pooling(pooling, **arguments)
+    p = (gem_p if gem_p is not None else config.gem_p) if pooling == "gem" else None
     if pooling == "gem" and gem_p is None and "pool.p" in state:
-        pool.p.data.copy_(state["pool.p"].reshape(pool.p.shape))
+        p = float(state["pool.p"].reshape(-1)[0])
+    pool = build_pooling(pooling, p=p)
     whiten = None
     if config.learned_whitening:
         weight = state["whiten.weight"]
@@ -89,7 +89,7 @@ class InferenceNet(nn.Module):
             raise ConfigError(f"unknown precision {precision!r}; use fp32 or bf16")
         self.precision = precision
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        backbone = fold_batchnorm(net.features).to(memory_format=torch.channels_last)
+        backbone = fold_batchnorm(net.features).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.features = backbone.to(self.dtype)
         self.pool = net.pool
         self.whiten = net.whiten

@@ -275,6 +275,13 @@ _OPTIONS: Mapping[str, frozenset[str]] = MappingProxyType(
 )
 
 
+def gem_power(pool: nn.Module) -> float | None:
+    """The exponent p of a GeM module (learned or fixed), None for other poolings."""
+    if isinstance(pool, GeM):
+        return float(pool.p.detach().reshape(-1)[0])
+    return None
+
+
 def build_pooling(
     name: str,
     *,
@@ -315,6 +322,7 @@ __all__ = [
     "build_pooling",
     "centre_prior_weights",
     "gem",
+    "gem_power",
     "mac",
     "rmac",
     "rmac_regions",

@@ -59,6 +59,11 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(Backbone):
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(
         self, depth: int, layout: ResNetLayout = TORCHVISION, num_classes: int | None = 1000
     ) -> None:
@@ -81,7 +86,9 @@ class ResNet(Backbone):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+        return x
 
 
 def resnet(depth: int, layout: str = "torchvision", num_classes: int | None = 1000) -> ResNet:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich.progress import TaskID
 from rich.table import Table
 
 from lookalike.atomic import atomic_write
@@ -42,7 +43,7 @@ def evaluate_command(
         variants = [Variant(p, s == "ms", w) for p in pooling for s in scales for w in whiten]
         evalset = protocols.build(protocol, data, gnd, split)
         with progress_bar(wants_progress(quiet, as_json)) as bar:
-            tasks: dict[str, int] = {}
+            tasks: dict[str, TaskID] = {}
 
             def update(stage: str, done: int, total: int) -> None:
                 if bar is None:

@@ -25,7 +25,7 @@ from lookalike.errors import ImageError
 from lookalike.extract import BBox, Extractor, combine_scales, scale_combination_power
 from lookalike.images import load_image
 from lookalike.network import descriptor_head
-from lookalike.pooling import build_pooling
+from lookalike.pooling import build_pooling, gem_power
 from lookalike.weights import lookalike_home, weights_sha256
 
 POOLINGS = ("mac", "spoc", "rmac", "gem")
@@ -120,7 +120,7 @@ def extract_variants(
             vectors = {p: data[p] for p in poolings}
             return PerScaleDescriptors(scales, vectors, data["failed"], data["seconds_per_scale"], timing)
     pools = {name: build_pooling(name) for name in poolings}
-    if "gem" in pools and hasattr(extractor.net.pool, "p"):
+    if "gem" in pools and gem_power(extractor.net.pool) is not None:
         pools["gem"] = extractor.net.pool
     vectors = {name: np.zeros((len(paths), len(scales), extractor.dim), np.float32) for name in poolings}
     failed = np.zeros(len(paths), bool)
@@ -151,11 +151,11 @@ def extract_variants(
     timing = {name: clock[name] / (described * len(scales)) for name in poolings}
     result = PerScaleDescriptors(scales, vectors, failed, seconds, timing)
     if use_cache:
-        extra = {f"seconds_{name}": np.float64(value) for name, value in timing.items()}
+        extra = {f"seconds_{name}": np.asarray(value) for name, value in timing.items()}
         save_npz_atomic(cache, failed=failed, seconds_per_scale=seconds, **vectors, **extra)
     return result
 
 
 def multiscale_power(pooling: str, extractor: Extractor) -> float:
-    p = float(extractor.net.pool.p.item()) if pooling == "gem" and hasattr(extractor.net.pool, "p") else 1.0
-    return scale_combination_power(pooling, p, extractor.net.whiten is not None)
+    p = gem_power(extractor.net.pool) if pooling == "gem" else None
+    return scale_combination_power(pooling, p or 1.0, extractor.net.whiten is not None)
