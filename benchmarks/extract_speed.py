@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -48,7 +49,8 @@ from lookalike.precision import resolve_precision
 from lookalike.registry import DEFAULT_MODEL, Preprocess, get_model_config
 from lookalike.transforms import to_tensor
 
-DATA = Path("/work/shared/data")
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
 PHOTO = "holidays-sample/100000.jpg"
 AGREEMENT_GLOBS = ("holidays-sample/*.jpg", "ukbench-sample/*.jpg")
 BATCH = 4
@@ -93,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", default="224,512,1024", help="long sides, comma-separated")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant (median reported)")
     parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/extract_speed.json"))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "extract_speed.json")
     parser.add_argument("--data", type=Path, default=DATA, help="folder with holidays-/ukbench-sample")
     parser.add_argument("--quick", action="store_true", help="2048 GEMM, no optional alternatives")
     parser.add_argument("--keep-heap", action="store_true", help="glibc: keep freed tensors in the heap")
@@ -106,7 +108,7 @@ def keep_heap() -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except OSError:
+    except (OSError, AttributeError):  # not glibc
         return False
 
 
@@ -165,11 +167,13 @@ def best_rates(start: dict[str, dict], end: dict[str, dict]) -> dict[str, dict]:
     return best
 
 
-def busy_warning(rates: dict[str, dict]) -> str:
-    """Non-empty when the GEMM rates moved by more than 10 % during the run: the machine was not quiet."""
+def busy_warning(rates: dict[str, dict], load: float) -> str:
+    """Non-empty when the machine was not quiet: load before the run, or GEMM rates that moved > 10 %."""
     pairs = {p: (r["start"]["gflops"], r["end"]["gflops"]) for p, r in rates.items()}
     moved = ", ".join(p for p, (a, b) in pairs.items() if a and b and abs(a / b - 1) > 0.10)
-    return f"GEMM rate of {moved} moved > 10 % during the run: figures unreliable" if moved else ""
+    why = [f"load average {load:.1f} before the run"] if load > 0.5 else []
+    why += [f"GEMM rate of {moved} moved > 10 % during the run"] if moved else []
+    return f"machine not quiet ({'; '.join(why)}): figures unreliable" if why else ""
 
 
 def rates_text(rates: dict[str, dict]) -> str:
@@ -243,9 +247,10 @@ def compiled(fast: InferenceNet) -> Prepare:
 
 def onnxruntime_fp32(net: DescriptorNet) -> Prepare:
     """The unfused fp32 network exported by torch.onnx at a fixed shape; ORT folds and fuses on its own."""
-    import onnxruntime as ort
 
     def prepare(x: torch.Tensor) -> Call:
+        import onnxruntime as ort  # optional: install onnxruntime and onnx to measure it
+
         with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(net, (x,), f"{folder}/net.onnx", dynamo=False, input_names=["x"])
@@ -414,7 +419,7 @@ def markdown(report: dict, rows: list[Row], flops: dict[int, int]) -> str:
     return "\n".join(lines)
 
 
-def environment(args: argparse.Namespace, default: str) -> dict[str, object]:
+def environment(args: argparse.Namespace, default: str, load: float) -> dict[str, Any]:
     info = cpu_info()
     return {
         "command": shlex.join([".venv/bin/python", *sys.argv]),
@@ -424,6 +429,7 @@ def environment(args: argparse.Namespace, default: str) -> dict[str, object]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "load_average_at_start": load,
         "model": args.model,
         "default_precision": default,
     }
@@ -431,11 +437,12 @@ def environment(args: argparse.Namespace, default: str) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # before this run adds its own
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     torch.manual_seed(0)
     config = get_model_config(args.model)
     net = build_descriptor_net(config, "gem")
-    env = environment(args, resolve_precision(net, config, "auto"))
+    env = environment(args, resolve_precision(net, config, "auto"), load)
     env["keep_heap"] = keep_heap() if args.keep_heap else False
     print(f"{env['cpu']}\ntorch {env['torch']}, {env['threads']} threads, {env['date']}")
     gemm_n, gemm_repeats = (2048 if args.quick else 4096), max(3, args.repeats)
@@ -454,12 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     report["agreement"] = agreement(net, config.preprocess, max(sizes), args.data)
     report["targets"] = targets(rows, str(env["default_precision"]), rates)
     report["rows"] = [asdict(row) for row in rows]
-    report["warning"] = busy_warning(rates)
+    report["warning"] = busy_warning(rates, load)
     print()
     print_table(rows, flops)
     print(f"\nGEMM rate at the end: {rates_text({p: r['end'] for p, r in rates.items()})}")
     print(f"agreement: {report['agreement']}")
-    print(f"WARNING: {report['warning']}" if report["warning"] else "GEMM rates steady (within 10 %)")
+    print(f"WARNING: {report['warning']}" if report["warning"] else "machine quiet, GEMM rates steady")
+    if not report["targets"]:
+        print(f"targets not evaluated: {TARGET_SIZE} is not among --sizes")
     for goal in report["targets"]:
         print(f"{goal['result']:<4}  {goal['variant']}: {goal['target']} ({fmt(goal['value'], '.2f')})")
     print("\n" + markdown(report, rows, flops))

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lookalike.cpu import keep_heap
 from lookalike.errors import ConfigError, ImageError
 from lookalike.images import DEFAULT_MAX_PIXELS, crop_bbox, load_image, resize_long_side, resize_max_side
 from lookalike.network import InferenceNet, Precision, build_descriptor_net
@@ -94,6 +95,7 @@ class Extractor:
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.settings = settings or DescriptorSettings()
+        keep_heap()
         self.config: ModelConfig = get_model_config(self.settings.model)
         self.max_pixels = max_pixels
         reference = build_descriptor_net(self.config, self.settings.pooling, self.settings.gem_p)
