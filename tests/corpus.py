@@ -88,14 +88,14 @@ def variant(photo: Path, kind: str) -> Image.Image:
 
 
 def photo_family(folder: Path, count: int = 40) -> list[Path]:
-    """``count`` JPEGs of distinct content (distinct sha256), made from the sample photos, in walk order."""
+    """``count`` (at most 40) JPEGs of distinct content, made from the sample photos, named in walk order."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
         photo = SAMPLE_PHOTOS[i % len(SAMPLE_PHOTOS)]
         kind = VARIANTS[(i // len(SAMPLE_PHOTOS)) % len(VARIANTS)]
         path = folder / f"{i:03d}-{photo.stem}-{kind}.jpg"
-        path.write_bytes(encode(variant(photo, kind), "JPEG", quality=85 + i // 40))
+        path.write_bytes(encode(variant(photo, kind), "JPEG", quality=85))
         paths.append(path)
     assert len({sha256(p) for p in paths}) == count, "photo_family made two identical files"
     return paths

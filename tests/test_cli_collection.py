@@ -27,6 +27,7 @@ pytestmark = pytest.mark.weights
 
 NAMES = sorted(p.name for p in SAMPLE_PHOTOS)
 SETTINGS = ("--imsize", "128", "--precision", "fp32")
+Ran = dict[str, list[subprocess.CompletedProcess[str]]]
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -78,7 +79,9 @@ def cat_id(collection: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def ran(photos: Path, collection: Path, second_index: dict, cat_id: int, tmp_path_factory) -> dict:
+def ran(
+    photos: Path, collection: Path, second_index: dict, cat_id: int, tmp_path_factory: pytest.TempPathFactory
+) -> Ran:
     """Every later command, run two at a time: name → results of its chain of commands, in order."""
     work = tmp_path_factory.mktemp("commands")
     queries = work / "queries"
@@ -135,7 +138,6 @@ def ran(photos: Path, collection: Path, second_index: dict, cat_id: int, tmp_pat
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(run_chain, chain) for name, chain in chains.items()}
         results = {name: future.result() for name, future in futures.items()}
-    results["work"] = work
     return results
 
 
@@ -164,9 +166,9 @@ def test_index_again_finds_everything_unchanged(second_index: dict) -> None:
     assert second_index["failed"] == []
 
 
-def test_index_with_other_settings_asks_for_rebuild(ran: dict) -> None:
+def test_index_with_other_settings_asks_for_rebuild(ran: Ran) -> None:
     [result] = ran["mismatch"]
-    assert result.returncode == 1
+    assert result.returncode == 1, result.stdout + result.stderr
     assert "--rebuild" in result.stderr and "imsize" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -174,7 +176,7 @@ def test_index_with_other_settings_asks_for_rebuild(ran: dict) -> None:
 # -- search ----------------------------------------------------------------------------------------------
 
 
-def test_search_a_file_gives_ranked_json_lines(ran: dict, photos: Path) -> None:
+def test_search_a_file_gives_ranked_json_lines(ran: Ran, photos: Path) -> None:
     hits = hits_of(ran["search file"][0])
     assert [h["rank"] for h in hits] == [1, 2, 3]
     assert [h["path"] for h in hits[:2]] == ["cat.jpg", "cat-crop-flip.jpg"]
@@ -183,20 +185,20 @@ def test_search_a_file_gives_ranked_json_lines(ran: dict, photos: Path) -> None:
     assert all(set(h) == {"query", "rank", "id", "path", "score"} for h in hits)
 
 
-def test_search_by_id_matches_search_by_file(ran: dict, cat_id: int) -> None:
+def test_search_by_id_matches_search_by_file(ran: Ran, cat_id: int) -> None:
     by_id, by_file = hits_of(ran["search id"][0]), hits_of(ran["search file"][0])
     assert by_id[0]["id"] == cat_id
     assert [(h["id"], h["path"]) for h in by_id] == [(h["id"], h["path"]) for h in by_file]
     assert [h["score"] for h in by_id] == pytest.approx([h["score"] for h in by_file], abs=1e-6)
 
 
-def test_search_a_bad_id_is_a_usage_error(ran: dict) -> None:
+def test_search_a_bad_id_is_a_usage_error(ran: Ran) -> None:
     [result] = ran["search bad id"]
-    assert result.returncode == 2
+    assert result.returncode == 2, result.stderr
     assert "id:N" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_search_a_folder_answers_each_query(ran: dict) -> None:
+def test_search_a_folder_answers_each_query(ran: Ran) -> None:
     hits = hits_of(ran["search folder"][0])
     by_query: dict[str, list[dict]] = {}
     for hit in hits:
@@ -207,7 +209,7 @@ def test_search_a_folder_answers_each_query(ran: dict) -> None:
     assert by_query["mirrored coffee.jpg"][0]["path"] in ("coffee.jpg", "coffee-rotated-dark.jpg")
 
 
-def test_search_with_a_bbox_describes_the_crop(ran: dict) -> None:
+def test_search_with_a_bbox_describes_the_crop(ran: Ran) -> None:
     hits = hits_of(ran["search bbox"][0])
     assert {h["path"] for h in hits} == {"cat.jpg", "cat-crop-flip.jpg"}
     assert hits[0]["score"] < 0.99  # half the image is not the whole image
@@ -216,7 +218,7 @@ def test_search_with_a_bbox_describes_the_crop(ran: dict) -> None:
 # -- info, remove, export --------------------------------------------------------------------------------
 
 
-def test_info_describes_the_collection(ran: dict, collection: Path) -> None:
+def test_info_describes_the_collection(ran: Ran, collection: Path) -> None:
     [record] = json_lines(succeeded(ran["info"][0]).stdout)  # found through $LOOKALIKE_COLLECTION
     assert Path(record["path"]) == collection
     assert (record["images"], record["failed"], record["distinct_contents"]) == (len(NAMES), 1, len(NAMES))
@@ -225,14 +227,14 @@ def test_info_describes_the_collection(ran: dict, collection: Path) -> None:
     assert record["disk_bytes"] > len(NAMES) * 2048 * 4
 
 
-def test_remove_forgets_an_image(ran: dict, cat_id: int) -> None:
+def test_remove_forgets_an_image(ran: Ran, cat_id: int) -> None:
     removed, info, search = ran["remove"]
     assert "removed 1 of 1" in succeeded(removed).stdout
     assert json_lines(succeeded(info).stdout)[0]["images"] == len(NAMES) - 1
     assert search.returncode == 1 and f"image {cat_id} is not indexed" in search.stderr
 
 
-def test_export_writes_plain_arrays_and_a_csv(ran: dict, collection: Path) -> None:
+def test_export_writes_plain_arrays_and_a_csv(ran: Ran, collection: Path) -> None:
     written = json_lines(succeeded(ran["export"][0]).stdout)[0]
     descriptors = np.load(written["descriptors"], allow_pickle=False)
     with open(written["images"], newline="", encoding="utf-8") as handle:
@@ -248,7 +250,7 @@ def test_export_writes_plain_arrays_and_a_csv(ran: dict, collection: Path) -> No
 # -- whitening -------------------------------------------------------------------------------------------
 
 
-def test_pca_whitening_is_fitted_and_search_still_works(ran: dict) -> None:
+def test_pca_whitening_is_fitted_and_search_still_works(ran: Ran) -> None:
     fitted, info, search = ran["pca"]
     assert "pca whitening 2048 → 9" in succeeded(fitted).stdout
     assert json_lines(succeeded(info).stdout)[0]["whitening"] == "pca"
@@ -258,7 +260,7 @@ def test_pca_whitening_is_fitted_and_search_still_works(ran: dict) -> None:
     assert [h["score"] for h in hits] != pytest.approx(raw_scores, abs=1e-3)
 
 
-def test_learned_whitening_from_a_labelled_folder(ran: dict, cat_id: int) -> None:
+def test_learned_whitening_from_a_labelled_folder(ran: Ran, cat_id: int) -> None:
     fitted, search = ran["learned"]
     assert "learned whitening 2048 → 16" in succeeded(fitted).stdout
     hits = hits_of(search)

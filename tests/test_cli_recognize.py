@@ -59,34 +59,33 @@ def labelled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"photos": photos, "queries": queries, "collection": collection}
 
 
-@pytest.mark.parametrize("name", ["cat", "coffee", "rocket"])
-def test_recognize_json_names_the_class_and_its_neighbours(labelled: dict[str, Path], name: str) -> None:
-    query = labelled["queries"] / f"{name}.jpg"
-    result = succeeded(run("recognize", str(query), "--collection", str(labelled["collection"]), "--json"))
-    record = json.loads(result.stdout)
-    assert record["label"] == name
-    assert record["query"] == str(query)
-    neighbours = record["neighbours"]
-    assert 1 <= len(neighbours) <= 7
-    assert neighbours[0]["label"] == name and neighbours[0]["path"].startswith(f"{name}/")
-    assert [n["rank"] for n in neighbours] == list(range(1, len(neighbours) + 1))
-    assert all(n["path"] != "stray.jpg" for n in neighbours)  # not labelled: never a reference
-    similarities = [n["similarity"] for n in neighbours]
-    assert similarities == sorted(similarities, reverse=True)
-    # k-NN with the identity transform: the confidence is the sum of the winning class's similarities
-    assert record["confidence"] == pytest.approx(
-        sum(n["similarity"] for n in neighbours if n["label"] == name), abs=1e-4
-    )
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_recognize_names_the_class_and_its_neighbours(labelled: dict[str, Path]) -> None:
+    queries = [str(labelled["queries"] / f"{name}.jpg") for name in ("cat", "coffee", "rocket")]
+    result = succeeded(run("recognize", *queries, "--collection", str(labelled["collection"]), "--json"))
+    records = json_lines(result.stdout)
+    assert [r["query"] for r in records] == queries
+    for name, record in zip(("cat", "coffee", "rocket"), records, strict=True):
+        assert record["label"] == name
+        neighbours = record["neighbours"]
+        assert len(neighbours) == 7 and record["method"] == "knn"
+        assert neighbours[0]["label"] == name and neighbours[0]["path"].startswith(f"{name}/")
+        assert [n["rank"] for n in neighbours] == list(range(1, 8))
+        assert all(n["path"] != "stray.jpg" for n in neighbours)  # not labelled: never a reference
+        similarities = [n["similarity"] for n in neighbours]
+        assert similarities == sorted(similarities, reverse=True)
+        # k-NN with the identity transform: the confidence sums the winning class's similarities
+        assert record["confidence"] == pytest.approx(
+            sum(n["similarity"] for n in neighbours if n["label"] == name), abs=1e-4
+        )
 
 
 @pytest.mark.parametrize(
     ("options", "count"),
-    [
-        (("--method", "1nn"), 1),
-        (("--method", "mean", "-k", "3", "--transform", "sqrt"), 3),
-        (("--method", "alpha", "-k", "3", "--alpha", "1.2"), 3),
-        (("-k", "15", "--transform", "square"), 15),
-    ],
+    [(("--method", "1nn"), 1), (("--method", "alpha", "-k", "3", "--alpha", "1.2"), 3)],
 )
 def test_recognize_methods(labelled: dict[str, Path], options: tuple[str, ...], count: int) -> None:
     query = labelled["queries"] / "cat.jpg"
@@ -106,19 +105,23 @@ def test_recognize_labels_from_csv(labelled: dict[str, Path], tmp_path: Path) ->
     ]
     csv_file = tmp_path / "labels.csv"
     csv_file.write_text("\n".join(rows) + "\n")
+    queries = [str(labelled["queries"] / "cat.jpg"), str(labelled["queries"] / "coffee.jpg")]
     args = ("-c", str(labelled["collection"]), "--labels", str(csv_file), "--json", "-k", "3")
-    cat = json.loads(succeeded(run("recognize", str(labelled["queries"] / "cat.jpg"), *args)).stdout)
+    cat, coffee = json_lines(succeeded(run("recognize", *queries, *args)).stdout)
     assert cat["label"] == "feline"
-    coffee = json.loads(succeeded(run("recognize", str(labelled["queries"] / "coffee.jpg"), *args)).stdout)
     assert all(not n["path"].startswith("coffee/") for n in coffee["neighbours"])
 
 
-def test_recognize_table_and_indexed_query(labelled: dict[str, Path]) -> None:
-    result = succeeded(run("recognize", "hubble/flip.jpg", "-c", str(labelled["collection"]), "--json"))
-    record = json.loads(result.stdout)
-    assert record["label"] == "hubble"
-    assert record["neighbours"][0]["path"] == "hubble/flip.jpg"  # an indexed image finds itself first
-    assert record["neighbours"][0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+def test_recognize_indexed_queries(labelled: dict[str, Path]) -> None:
+    with Collection.open(labelled["collection"], readonly=True) as collection:
+        record = collection.record("astronaut/crop.jpg")
+        assert record is not None
+    args = ("hubble/flip.jpg", f"id:{record.id}", "-c", str(labelled["collection"]), "--json")
+    hubble, astronaut = json_lines(succeeded(run("recognize", *args)).stdout)
+    assert hubble["label"] == "hubble"
+    assert hubble["neighbours"][0]["path"] == "hubble/flip.jpg"  # an indexed image finds itself first
+    assert hubble["neighbours"][0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert astronaut["label"] == "astronaut"
 
 
 def test_recognize_errors_are_one_line(labelled: dict[str, Path], tmp_path: Path) -> None:
@@ -131,14 +134,19 @@ def test_recognize_errors_are_one_line(labelled: dict[str, Path], tmp_path: Path
     assert none.returncode == 1 and "no indexed image" in none.stderr and "Traceback" not in none.stderr
 
 
-def test_recognizer_api(labelled: dict[str, Path]) -> None:
+@pytest.mark.parametrize(
+    ("method", "k", "transform"), [("knn", 3, "sqrt"), ("mean", 3, "sqrt"), ("knn", 15, "square")]
+)
+def test_recognizer_api(labelled: dict[str, Path], method: str, k: int, transform: str) -> None:
     with Collection.open(labelled["collection"], readonly=True) as collection:
-        recognizer = Recognizer(collection, method="knn", k=3, transform="sqrt")
+        recognizer = Recognizer(collection, method=method, k=k, transform=transform)
         assert recognizer.classes == sorted(CLASSES)
         prediction = recognizer.recognize(Image.open(labelled["queries"] / "rocket.jpg"))
         assert isinstance(prediction, Prediction)
         assert prediction.label == "rocket"
+        assert len(prediction.neighbours) == k
         assert recognizer.path(prediction.neighbours[0].id).startswith("rocket/")
+        assert {recognizer.path(n.id) for n in prediction.neighbours}.isdisjoint({"stray.jpg"})
 
 
 def test_labels_helpers(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,14 +34,14 @@ pytestmark = pytest.mark.weights
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _shared_network() -> object:
+def _shared_network() -> Iterator[None]:
     require_weights("resnet50.keras-imagenet")
     with one_network_per_setting():
         yield
 
 
 @pytest.fixture(scope="module")
-def indexed(tmp_path_factory: pytest.TempPathFactory) -> Collection:
+def indexed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Collection]:
     """The sample photos, indexed once for the tests that only read."""
     photos = copy_sample(tmp_path_factory.mktemp("photos"))
     collection = Collection.create(tmp_path_factory.mktemp("collection"), SETTINGS, root=photos)
@@ -50,7 +51,7 @@ def indexed(tmp_path_factory: pytest.TempPathFactory) -> Collection:
 
 
 @pytest.fixture
-def fresh(tmp_path: Path) -> Collection:
+def fresh(tmp_path: Path) -> Iterator[Collection]:
     """The sample photos, indexed for a test that changes them or the collection."""
     photos = copy_sample(tmp_path / "photos")
     collection = Collection.create(tmp_path / "collection", SETTINGS, root=photos)

@@ -1,0 +1,194 @@
+"""The distractor protocol: test splits, validation folds drawn from references only, scoring, the fast
+α-expanded vote against the library's, and the ladder on small synthetic descriptors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lookalike.errors import ConfigError
+from lookalike.evaluate.datasets import LabelledImages
+from lookalike.recognize.knn import Neighbour, Prediction, alpha_mean_knn_classify, exact_search
+from lookalike.recognize.protocol import (
+    BALANCED,
+    STAGES,
+    TINI,
+    AlphaVoter,
+    RecognitionSplit,
+    describe_space,
+    distractor_splits,
+    run_ladder,
+    score,
+    shared_references,
+    validation_folds,
+)
+
+SCALES = (0.25, 0.5, 0.7071067811865476, 1.0, 1.4142135623730951)
+
+
+def synthetic(classes: int = 12, per_class: int = 24, distractors: int = 30, d: int = 24, seed: int = 0):
+    """Clustered multi-scale descriptors (N, 5, d): class centre + image noise + scale noise; distractors
+    are spread out. Class sizes vary (per_class .. per_class + classes − 1)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes, d))
+    labels, rows = [], []
+    for c in range(classes):
+        for _ in range(per_class + c):
+            labels.append(f"class{c:02d}")
+            rows.append(centres[c] + 0.9 * rng.standard_normal(d) + 0.5 * rng.standard_normal((5, d)))
+    for _ in range(distractors):
+        labels.append("BG")
+        rows.append(1.2 * rng.standard_normal(d) + 0.4 * rng.standard_normal((5, d)))
+    x = np.asarray(rows, dtype=np.float32)
+    x /= np.linalg.norm(x, axis=2, keepdims=True)
+    paths = tuple(Path(f"/data/{label}/{i}.jpg") for i, label in enumerate(labels))
+    return x, LabelledImages(paths, tuple(labels), "BG")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic()
+
+
+# ---- splits ------------------------------------------------------------------------------------------
+
+
+def test_distractor_splits(data) -> None:
+    _, dataset = data
+    labels = np.asarray(dataset.labels, dtype=object)
+    splits = distractor_splits(dataset, object_queries=7, seed=4)
+    distractors = np.flatnonzero(labels == "BG")
+    tini, balanced = splits[TINI], splits[BALANCED]
+    for split in (tini, balanced):
+        assert np.isin(distractors, split.queries).all()  # every distractor is a query
+        assert not np.isin(distractors, split.references).any()
+        everything = np.sort(np.concatenate([split.queries, split.references]))
+        np.testing.assert_array_equal(everything, np.arange(len(labels)))
+    tini_objects = np.setdiff1d(tini.queries, distractors)
+    balanced_objects = np.setdiff1d(balanced.queries, distractors)
+    assert len(tini_objects) == 7 and len(set(labels[tini_objects])) == 7  # 7 different classes
+    assert len(balanced_objects) == len(distractors)  # 50 % distractors
+    assert np.isin(tini_objects, balanced_objects).all()  # nested
+    counts = np.unique(labels[balanced_objects], return_counts=True)[1]
+    assert counts.max() - counts.min() <= 1  # round-robin over the classes
+    np.testing.assert_array_equal(shared_references(splits), balanced.references)
+    again = distractor_splits(dataset, object_queries=7, seed=4)
+    np.testing.assert_array_equal(again[TINI].queries, tini.queries)
+    other = distractor_splits(dataset, object_queries=7, seed=5)
+    assert not np.array_equal(other[TINI].queries, tini.queries)
+    with pytest.raises(ConfigError, match="different classes"):
+        distractor_splits(dataset, object_queries=13)
+
+
+def test_validation_folds_stay_inside_the_pool(data) -> None:
+    _, dataset = data
+    labels = np.asarray(dataset.labels, dtype=object)
+    pool = shared_references(distractor_splits(dataset, object_queries=7))
+    folds = validation_folds(labels, pool, 5, 20, folds=3, heldout=3, seed=1)
+    wide = validation_folds(labels, pool, 20, 20, folds=3, heldout=3, seed=1)
+    assert len({tuple(f.queries) for f in folds}) == 3  # folds differ
+    for fold, bigger in zip(folds, wide, strict=True):
+        assert np.isin(fold.queries, pool).all() and np.isin(fold.references, pool).all()
+        known = set(labels[fold.references])
+        pseudo = [q for q in fold.queries if labels[q] not in known]
+        objects = [q for q in fold.queries if labels[q] in known]
+        assert len(pseudo) == 20 and len(set(labels[pseudo])) == 3  # three held-out classes
+        assert len(objects) == 5 and len(set(labels[objects])) == 5
+        assert np.isin(fold.queries, bigger.queries).all()  # same seed, more queries: nested
+        assert "BG" not in known
+    assert all(
+        np.array_equal(a.queries, b.queries)
+        for a, b in zip(folds, validation_folds(labels, pool, 5, 20, 3, 3, 1), strict=True)
+    )
+    with pytest.raises(ConfigError):
+        RecognitionSplit("bad", np.array([1, 2]), np.array([2, 3]))
+
+
+def test_score_by_hand() -> None:
+    labels = np.array(["a", "a", "b", "BG", "a", "b"], dtype=object)
+    split = RecognitionSplit("s", np.array([0, 2, 3]), np.array([1, 4, 5]))
+    predictions = [Prediction("a", 0.5), Prediction("a", 0.9), Prediction("b", 0.7)]
+    # ranked: 0.9 wrong (b predicted a), 0.7 distractor, 0.5 right at precision 1/3; M = 2 known queries
+    result = score(predictions, labels, split)
+    assert result.gap == pytest.approx((1 / 3) / 2)
+    assert result.accuracy == pytest.approx(0.5)
+    no_answer = [Prediction(None, float("-inf")), Prediction("b", 0.9), Prediction("b", 0.1)]
+    assert score(no_answer, labels, split).gap == pytest.approx(0.5)
+
+
+# ---- the fast α vote -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("alpha", "k", "transform"), [(0.0, 5, "identity"), (0.9, 7, "sqrt"), (1.3, 3, "log"), (2.0, 9, "square")]
+)
+def test_alpha_voter_matches_the_library(data, alpha: float, k: int, transform: str) -> None:
+    x, dataset = data
+    xs = x[:, 3]
+    labels = np.asarray(dataset.labels, dtype=object)
+    queries, references = np.arange(0, len(xs), 7), np.setdiff1d(np.arange(len(xs)), np.arange(0, len(xs), 7))
+    xq, xb = xs[queries], xs[references]
+    _, ids = exact_search(xq, xb, k)
+    fast = AlphaVoter(xq, xb, labels[references]).classify(ids, alpha, transform)
+    slow = alpha_mean_knn_classify(xq, xb, labels[references], ids, alpha, transform)
+    for f, s in zip(fast, slow, strict=True):
+        assert f.label == s.label
+        assert f.confidence == pytest.approx(s.confidence, abs=1e-5)
+        assert [n.id for n in f.neighbours] == [n.id for n in s.neighbours]
+        assert isinstance(f.neighbours[0], Neighbour)
+
+
+# ---- the ladder --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ladder(data):
+    x, dataset = data
+    splits = distractor_splits(dataset, object_queries=7)
+    return run_ladder(x, dataset, splits, scales=SCALES, folds=2, heldout=3, train_queries=15)
+
+
+def test_ladder_selects_one_row_per_stage_by_validation(ladder) -> None:
+    stages = [s for s in STAGES if s != "+ verifier"]  # no local features given
+    for variant in (TINI, BALANCED):
+        summary = ladder.summary(variant)
+        assert [r.stage for r in summary] == stages
+        for row in summary:
+            candidates = [r for r in ladder.rows if r.variant == variant and r.stage == row.stage]
+            assert row.validation.gap == max(r.validation.gap for r in candidates)
+            assert 0.0 <= row.test.gap <= 1.0 and 0.0 <= row.test.accuracy <= 1.0
+    grid = [r for r in ladder.rows if r.variant == TINI and r.stage == "k-NN"]
+    assert len(grid) == 4 * 6
+    assert len([r for r in ladder.rows if r.variant == TINI and r.stage == "aggregation: weights"]) == 31
+    assert ladder.verifier_pairs > 0
+    assert [name for name, _ in ladder.stage_seconds] == stages
+    one_nn = ladder.summary(TINI)[0]
+    assert one_nn.description == "1-NN — scale 1"
+
+
+def test_ladder_never_looks_at_the_test_queries(data, ladder) -> None:
+    """Scrambling the test queries' descriptors changes test scores, never what validation selects."""
+    x, dataset = data
+    splits = distractor_splits(dataset, object_queries=7)
+    scrambled = x.copy()
+    tested = np.union1d(splits[TINI].queries, splits[BALANCED].queries)
+    noise = np.random.default_rng(9).standard_normal(scrambled[tested].shape).astype(np.float32)
+    scrambled[tested] = noise / np.linalg.norm(noise, axis=2, keepdims=True)
+    other = run_ladder(scrambled, dataset, splits, scales=SCALES, folds=2, heldout=3, train_queries=15)
+    for variant in (TINI, BALANCED):
+        picked = [(r.stage, r.config, r.validation) for r in ladder.summary(variant)]
+        assert [(r.stage, r.config, r.validation) for r in other.summary(variant)] == picked
+    assert [r.test for r in other.rows] != [r.test for r in ladder.rows]
+
+
+def test_space_names() -> None:
+    assert describe_space("agg:00010", SCALES) == "scale 1"
+    assert describe_space("agg:11001+w", SCALES) == "scales 0.25+0.5+1.4 summed, PCA-whitened"
+    assert (
+        describe_space("mx:sum_row_max+w", SCALES) == "5×5 similarity matrix, sum_row_max, whitened per scale"
+    )
+    assert describe_space("agg:00010|mlp|product", SCALES).endswith(
+        "re-scored by the mlp verifier (s·P(same))"
+    )
