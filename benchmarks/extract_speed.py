@@ -18,7 +18,6 @@ Run: ``.venv/bin/python benchmarks/extract_speed.py [--sizes 224,512,1024] [--re
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import shlex
@@ -42,7 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from lookalike.cpu import cpu_info
+from lookalike.cpu import cpu_info, keep_heap
 from lookalike.images import load_image, resize_long_side, resize_max_side
 from lookalike.network import DescriptorNet, InferenceNet, build_descriptor_net
 from lookalike.precision import resolve_precision
@@ -55,7 +54,6 @@ PHOTO = "holidays-sample/100000.jpg"
 AGREEMENT_GLOBS = ("holidays-sample/*.jpg", "ukbench-sample/*.jpg")
 BATCH = 4
 TARGET_SIZE, TARGET_FRACTION, TARGET_SPEEDUP = 1024, 0.70, 2.0
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters
 HEADER = ["input", "GFLOP", "variant", "batch", "ms/image", "images/s", "% limit", "× naive", "cos", "note"]
 
 Call = Callable[[], object]
@@ -98,18 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "extract_speed.json")
     parser.add_argument("--data", type=Path, default=DATA, help="folder with holidays-/ukbench-sample")
     parser.add_argument("--quick", action="store_true", help="2048 GEMM, no optional alternatives")
-    parser.add_argument("--keep-heap", action="store_true", help="glibc: keep freed tensors in the heap")
+    parser.add_argument(
+        "--release-heap",
+        action="store_true",
+        help="glibc default: return large freed blocks to the OS (lookalike keeps them, LOOKALIKE_KEEP_HEAP=0)",
+    )
     return parser.parse_args(argv)
-
-
-def keep_heap() -> bool:
-    """Stop glibc from mmap-ing large tensors and trimming the heap, so freed activations are reused
-    instead of page-faulted in again on every forward pass (costs a higher resident peak)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):  # not glibc
-        return False
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -404,7 +396,7 @@ def markdown(report: dict, rows: list[Row], flops: dict[int, int]) -> str:
         "",
         f"{env['cpu']} · torch {env['torch']} · {env['threads']} threads · {env['date']}  ",
         f"GEMM rate: {rates_text(report['gemm'])}. Default precision: {env['default_precision']}. "
-        + f"Heap kept (--keep-heap): {'yes' if env['keep_heap'] else 'no'}.  ",
+        + f"Heap kept (lookalike's default, for every variant incl. naive): {'yes' if env['keep_heap'] else 'no'}.  ",
         f"Lowest cosine to the naive fp32 descriptor, {agree['images']} photos at ≤ {agree['side']} px: {cosines}.",
         "",
         "| " + " | ".join(HEADER[:-1]) + " |",
@@ -443,7 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     config = get_model_config(args.model)
     net = build_descriptor_net(config, "gem")
     env = environment(args, resolve_precision(net, config, "auto"), load)
-    env["keep_heap"] = keep_heap() if args.keep_heap else False
+    if args.release_heap:
+        os.environ["LOOKALIKE_KEEP_HEAP"] = "0"
+    env["keep_heap"] = keep_heap()
     print(f"{env['cpu']}\ntorch {env['torch']}, {env['threads']} threads, {env['date']}")
     gemm_n, gemm_repeats = (2048 if args.quick else 4096), max(3, args.repeats)
     start_rates = gemm_rates(gemm_n, gemm_repeats)
