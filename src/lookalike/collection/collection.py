@@ -16,7 +16,7 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -320,7 +320,7 @@ class Collection:
         path = Path(name)
         return path if path.is_absolute() or self.root is None else self.root / path
 
-    def remove(self, paths: list[str | Path]) -> int:
+    def remove(self, paths: Sequence[str | Path]) -> int:
         """Forget these files (paths as indexed, or absolute); returns how many were known."""
         with self.writing():
             ids = [record.id for p in paths if (record := self.record(p)) is not None]
@@ -475,7 +475,7 @@ class Collection:
         """The ``k`` most similar indexed images to an image, a file, an image id or a raw descriptor."""
         return querying.search(self, query, k, bbox)
 
-    def search_files(self, paths: list[str | Path], k: int = 30) -> list[list[SearchHit]]:
+    def search_files(self, paths: Sequence[str | Path], k: int = 30) -> list[list[SearchHit]]:
         """Hits for many query files at once (unreadable files get no hits)."""
         return querying.search_files(self, paths, k)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,7 +78,7 @@ def search_vectors(collection: Collection, raw: np.ndarray, k: int = 30) -> list
     records = collection.records([int(i) for i in np.unique(ids) if i >= 0])
     results = []
     for row_scores, row_ids in zip(scores, ids, strict=True):
-        hits = []
+        hits: list[SearchHit] = []
         for score, image_id in zip(row_scores, row_ids, strict=True):
             record = records.get(int(image_id))
             if image_id >= 0 and record is not None:
@@ -90,11 +91,11 @@ def search(collection: Collection, query: Query, k: int = 30, bbox: BBox | None 
     return search_vectors(collection, query_vector(collection, query, bbox)[None], k)[0]
 
 
-def search_files(collection: Collection, paths: list[str | Path], k: int = 30) -> list[list[SearchHit]]:
+def search_files(collection: Collection, paths: Sequence[str | Path], k: int = 30) -> list[list[SearchHit]]:
     results: list[list[SearchHit]] = [[] for _ in paths]
     described = [r for r in collection.extractor.describe_files(paths) if r.vector is not None]
     if described:
-        hits = search_vectors(collection, np.stack([r.vector for r in described]), k)
+        hits = search_vectors(collection, np.stack([r.vector for r in described if r.vector is not None]), k)
         for result, found in zip(described, hits, strict=True):
             results[result.index] = found
     return results

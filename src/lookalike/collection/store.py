@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from lookalike.errors import CollectionError
 
@@ -102,7 +103,7 @@ def _run_script(connection: sqlite3.Connection, script: str) -> None:
             connection.execute(statement)
 
 
-def read_settings(connection: sqlite3.Connection) -> dict[str, object]:
+def read_settings(connection: sqlite3.Connection) -> dict[str, Any]:
     return {key: json.loads(value) for key, value in connection.execute("SELECT key, value FROM settings")}
 
 

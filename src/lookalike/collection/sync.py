@@ -215,7 +215,7 @@ def _describe_chunk(
     rows: dict[str, int] = {}
     sizes: dict[str, tuple[int, int] | None] = {}
     failures: dict[str, str] = {}
-    vectors = []
+    vectors: list[np.ndarray] = []
     for result in extractor.describe_files([state.path for state in firsts]):
         sha = firsts[result.index].sha256 or ""
         if result.vector is None:
