@@ -171,3 +171,21 @@ def test_auto_precision_is_fp32_without_native_bf16(monkeypatch) -> None:
     config = get_model_config("resnet50.keras-imagenet")
     assert resolve_precision(None, config, "auto") == "fp32"  # type: ignore[arg-type]
     assert resolve_precision(None, config, "bf16") == "bf16"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("arch", ["efficientnet-lite0", "resnet50-caffe"])
+def test_inference_net_never_changes_the_reference_network(arch) -> None:
+    """The fp32 reference must stay fp32 even where batch-norm folding cannot trace the backbone."""
+    from lookalike.backbones import build_backbone
+    from lookalike.network import DescriptorNet, InferenceNet
+    from lookalike.pooling import build_pooling
+
+    reference = DescriptorNet(build_backbone(arch), build_pooling("gem")).eval()
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    fast = InferenceNet(reference, "bf16")
+    x = torch.rand(1, 3, 96, 128)
+    with torch.inference_mode():
+        reference(x)
+    assert all(v.dtype != torch.bfloat16 for v in reference.state_dict().values())
+    assert all(torch.equal(before[k], v) for k, v in reference.state_dict().items())
+    assert fast(x).shape == (1, reference.dim)

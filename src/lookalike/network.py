@@ -70,14 +70,18 @@ def build_descriptor_net(config: ModelConfig, pooling: str, gem_p: float | None 
 
 
 def fold_batchnorm(backbone: nn.Module) -> nn.Module:
-    """Fold inference BatchNorm into the preceding convolution (torch.fx); unchanged if not traceable."""
+    """A copy with inference BatchNorm folded into the preceding convolutions (torch.fx) where traceable.
+
+    Always a copy: the caller converts it to bf16 / channels-last without touching ``backbone``.
+    """
     from torch.fx.experimental.optimization import fuse
 
+    copied = copy.deepcopy(backbone)
     try:
-        return fuse(copy.deepcopy(backbone))
+        return fuse(copied)
     except Exception as exc:  # fx tracing fails on data-dependent control flow; fusing is an optimisation
         log.info("batch-norm folding skipped for %s: %s", type(backbone).__name__, exc)
-        return backbone
+        return copied
 
 
 class InferenceNet(nn.Module):

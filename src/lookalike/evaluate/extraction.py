@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ from lookalike.pooling import build_pooling, gem_power
 from lookalike.weights import lookalike_home, weights_sha256
 
 POOLINGS = ("mac", "spoc", "rmac", "gem")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,7 @@ def extract_variants(
             return None
 
     with ThreadPoolExecutor(max_workers=1) as pool:
-        for index, tensors in enumerate(pool.map(decode, range(len(paths)))):
+        for index, tensors in enumerate(prefetched(pool, decode, len(paths))):
             if tensors is None:
                 failed[index] = True
                 continue
@@ -154,6 +157,16 @@ def extract_variants(
         extra = {f"seconds_{name}": np.asarray(value) for name, value in timing.items()}
         save_npz_atomic(cache, failed=failed, seconds_per_scale=seconds, **vectors, **extra)
     return result
+
+
+def prefetched(pool: ThreadPoolExecutor, work: Callable[[int], T], count: int, ahead: int = 8) -> Iterator[T]:
+    """``work(0) … work(count - 1)`` in order, computed in ``pool`` at most ``ahead`` items in advance."""
+    pending: deque[Future[T]] = deque(pool.submit(work, i) for i in range(min(ahead, count)))
+    for index in range(count):
+        result = pending.popleft().result()
+        if index + ahead < count:
+            pending.append(pool.submit(work, index + ahead))
+        yield result
 
 
 def multiscale_power(pooling: str, extractor: Extractor) -> float:
