@@ -12,7 +12,7 @@ in chunks through ``extract_variants`` and cached under ``$LOOKALIKE_HOME/eval-c
 (SIFT) are cached under ``$LOOKALIKE_HOME/local-features``.
 
     nice -n 10 .venv/bin/python benchmarks/recognition.py [--models resnet50.keras-imagenet,...]
-        [--imsize 1024] [--no-local] [--extract-only] [--out benchmarks/results/recognition]
+        [--imsize 1024] [--precision fp32] [--no-local] [--extract-only] [--out benchmarks/results/recognition]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -49,7 +49,7 @@ choose nothing. "best GAP in grid" is the best test GAP among the stage's config
 number) — not selectable, shown to judge the selection. Each stage builds on the choices before it; the
 verifier is trained on 2 further folds (300 object + 300 pseudo-distractor queries each) drawn from the
 references minus every validation query."""
-CHUNK = 256  # extract_variants decodes its whole list ahead of the network: chunks bound the memory
+CHUNK = 256  # each chunk is cached on its own: an interrupted extraction resumes at the last chunk
 
 
 def log(message: str, started: float) -> None:
@@ -57,16 +57,14 @@ def log(message: str, started: float) -> None:
 
 
 def caltech_descriptors(
-    dataset: LabelledImages, model: str, imsize: int, started: float
+    dataset: LabelledImages, model: str, imsize: int, precision: str, started: float
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """GeM descriptors (N, S, D) of every image at DEFAULT_SCALES, the mask of unreadable images and the
     backbone seconds per image (all scales)."""
-    settings = DescriptorSettings(model=model, scales=DEFAULT_SCALES, imsize=imsize)
-    try:
-        extractor = Extractor(settings)
-    except RuntimeError as exc:  # the bf16 agreement check of precision "auto" fails for some models
-        log(f"{model}: precision auto failed ({str(exc)[:80]}…); using fp32", started)
-        extractor = Extractor(replace(settings, precision="fp32"))
+    # The eval cache key does not record the precision: one fixed precision keeps every chunk comparable.
+    extractor = Extractor(
+        DescriptorSettings(model=model, scales=DEFAULT_SCALES, imsize=imsize, precision=precision)
+    )
     paths = list(dataset.paths)
     vectors, failed, seconds = [], [], []
     for start in range(0, len(paths), CHUNK):
@@ -201,6 +199,7 @@ def main() -> None:
     parser.add_argument("--models", default=DEFAULT_MODELS)
     parser.add_argument("--imsize", type=int, default=1024)
     parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--precision", default="fp32", help="fp32 (default), bf16 or auto.")
     parser.add_argument("--no-local", action="store_true", help="Skip SIFT (verifier without inliers).")
     parser.add_argument("--extract-only", action="store_true", help="Only fill the descriptor cache.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "recognition")
@@ -209,7 +208,9 @@ def main() -> None:
     dataset = labelled_folder(args.data, distractor="BACKGROUND_Google")
     sections, records = [], []
     for model in args.models.split(","):
-        descriptors, failed, extract_seconds = caltech_descriptors(dataset, model, args.imsize, started)
+        descriptors, failed, extract_seconds = caltech_descriptors(
+            dataset, model, args.imsize, args.precision, started
+        )
         log(f"{model}: {descriptors.shape}, {int(failed.sum())} unreadable", started)
         if args.extract_only:
             continue

@@ -20,8 +20,10 @@ from lookalike.recognize.verify import (
     PairVerifier,
     feature_names,
     pair_features,
+    rerank,
     rescore,
     train_verifier,
+    train_verifiers,
 )
 from tests.conftest import unit_rows
 
@@ -200,3 +202,20 @@ def test_rescore_rules() -> None:
     np.testing.assert_allclose(rescore(sims, p, "probability"), p)
     with pytest.raises(ConfigError):
         rescore(sims, p, "sum")
+
+
+def test_rerank_sorts_by_the_new_scores() -> None:
+    sims = np.array([[0.9, 0.8, 0.7]])
+    ids = np.array([[5, 6, 7]])
+    scores, order = rerank(sims, ids, np.array([[0.1, 1.0, 0.5]]))
+    np.testing.assert_allclose(scores, [[0.8, 0.35, 0.09]])
+    np.testing.assert_array_equal(order, [[6, 7, 5]])
+
+
+def test_train_verifiers_with_and_without_local_columns() -> None:
+    x, y = separable()
+    names = [f"f{i}" for i in range(5)]
+    models = train_verifiers(x, y, names, global_columns=3)
+    assert set(models) == {"logistic", "mlp", "logistic-global", "mlp-global"}
+    assert models["mlp-global"].names == tuple(names[:3]) and models["mlp"].hidden == 16
+    assert set(train_verifiers(x[:, :3], y, names[:3], global_columns=3)) == {"logistic-global", "mlp-global"}

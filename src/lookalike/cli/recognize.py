@@ -11,14 +11,14 @@ from lookalike.cli.collections import COLLECTION, JSON, collection_path, parse_b
 from lookalike.cli.common import console, print_json, reported_errors
 from lookalike.collection import Collection
 from lookalike.errors import ConfigError
-from lookalike.recognize.knn import METHODS, TRANSFORMS
+from lookalike.recognize.knn import METHODS, TRANSFORMS, Prediction
 from lookalike.recognize.service import Recognizer
 
 DEFAULT_ALPHA = 0.9
 
 
 def recognize(
-    image: str = typer.Argument(..., help="An image file, an indexed path or id:N."),
+    images: list[str] = typer.Argument(..., help="Image files, indexed paths or id:N (one answer each)."),
     collection: Path = COLLECTION,
     method: str = typer.Option("knn", "--method", help=f"One of: {', '.join(METHODS)}."),
     k: int = typer.Option(7, "-k", help="Neighbours that vote (1-NN uses 1)."),
@@ -32,7 +32,8 @@ def recognize(
     bbox: str = typer.Option(None, "--bbox", help="Crop the query to x0,y0,x1,y1 first."),
     as_json: bool = JSON,
 ) -> None:
-    """Recognise an image: label, confidence and the labelled neighbours that support it."""
+    """Recognise images: label, confidence and the labelled neighbours that support it (JSON lines when
+    piped or with --json)."""
     with reported_errors(), Collection.open(collection_path(collection), readonly=True) as opened:
         if alpha is not None and method != "alpha":
             raise ConfigError("--alpha is used by --method alpha only")
@@ -44,35 +45,39 @@ def recognize(
             labels=labels,
             alpha=(DEFAULT_ALPHA if alpha is None else alpha) if method == "alpha" else None,
         )
-        query: int | str = parse_id(image) if image.startswith("id:") else image
-        prediction = recognizer.recognize(query, parse_bbox(bbox))
-        neighbours = [
+        for image in images:
+            query: int | str = parse_id(image) if image.startswith("id:") else image
+            show(image, method, recognizer, recognizer.recognize(query, parse_bbox(bbox)), as_json)
+
+
+def show(image: str, method: str, recognizer: Recognizer, prediction: Prediction, as_json: bool) -> None:
+    neighbours = [
+        {
+            "rank": rank,
+            "id": n.id,
+            "path": recognizer.path(n.id),
+            "label": n.label,
+            "similarity": round(n.similarity, 6),
+        }
+        for rank, n in enumerate(prediction.neighbours, start=1)
+    ]
+    if as_json or not console.is_terminal:
+        print_json(
             {
-                "rank": rank,
-                "id": n.id,
-                "path": recognizer.path(n.id),
-                "label": n.label,
-                "similarity": round(n.similarity, 6),
+                "query": image,
+                "label": prediction.label,
+                "confidence": round(prediction.confidence, 6),
+                "method": method,
+                "neighbours": neighbours,
             }
-            for rank, n in enumerate(prediction.neighbours, start=1)
-        ]
-        if as_json or not console.is_terminal:
-            print_json(
-                {
-                    "query": image,
-                    "label": prediction.label,
-                    "confidence": round(prediction.confidence, 6),
-                    "method": method,
-                    "neighbours": neighbours,
-                }
-            )
-            return
-        console.print(
-            f"[bold]{prediction.label}[/] (confidence {prediction.confidence:.4f}, {method})", highlight=False
         )
-        table = Table(title=f"{image} — supporting neighbours")
-        for column in ("rank", "similarity", "label", "path"):
-            table.add_column(column, justify="right" if column in ("rank", "similarity") else "left")
-        for n in neighbours:
-            table.add_row(str(n["rank"]), f"{n['similarity']:.4f}", str(n["label"]), str(n["path"]))
-        console.print(table)
+        return
+    console.print(
+        f"[bold]{prediction.label}[/] (confidence {prediction.confidence:.4f}, {method})", highlight=False
+    )
+    table = Table(title=f"{image} — supporting neighbours")
+    for column in ("rank", "similarity", "label", "path"):
+        table.add_column(column, justify="right" if column in ("rank", "similarity") else "left")
+    for n in neighbours:
+        table.add_row(str(n["rank"]), f"{n['similarity']:.4f}", str(n["label"]), str(n["path"]))
+    console.print(table)

@@ -82,6 +82,7 @@ def cache_key(extractor: Extractor, poolings: Sequence[str], paths: Sequence[Pat
         "scales": list(extractor.settings.scales),
         "poolings": list(poolings),
         "gem_p": extractor.settings.gem_p,
+        "precision": extractor.precision,
         "files": fingerprint(paths, bboxes),
         "version": 1,
     }

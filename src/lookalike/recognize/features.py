@@ -98,8 +98,8 @@ def _grey(image: Image.Image | np.ndarray, max_side: int) -> np.ndarray:
 
 def _detector(settings: LocalFeatureSettings) -> cv2.Feature2D:
     if settings.kind == "sift":
-        return cv2.SIFT_create(nfeatures=settings.max_features)
-    return cv2.ORB_create(nfeatures=settings.max_features)
+        return cv2.SIFT_create(nfeatures=settings.max_features)  # type: ignore[attr-defined]
+    return cv2.ORB_create(nfeatures=settings.max_features)  # type: ignore[attr-defined]
 
 
 def describe_local(

@@ -78,8 +78,8 @@ from lookalike.recognize.verify import (
     PairFeaturizer,
     PairVerifier,
     feature_names,
-    rescore,
-    train_verifier,
+    rerank,
+    train_verifiers,
 )
 from lookalike.whitening import Whitening, fit_pca_whitening
 
@@ -221,7 +221,6 @@ ALPHAS: Final = (0.5, 0.7, 0.9, 1.1)
 SHORTLIST: Final = 100
 VERIFIED: Final = max(KS)
 SYMBOLS: Final = {"identity": "x", "square": "x²", "sqrt": "√x", "log": "ln(x+e)"}
-MODELS: Final = {"logistic": 0, "mlp": 16}  # verifier name → hidden width
 STAGES: Final = (
     "1-NN",
     "k-NN",
@@ -394,7 +393,7 @@ class _Ladder:
             self.labels, np.setdiff1d(self.pool, used), train_queries, train_queries, 2, heldout, seed + 101,
             "verifier training",
         )  # fmt: skip
-        self.featurizer = PairFeaturizer(self.x, dataset.paths if local else None, local)
+        self.featurizer = PairFeaturizer(self.x, dataset.paths if local is not None else None, local)
         self.whitenings: dict[str, Whitening] = {}
         self.shortlists: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         self.features: dict[tuple[str, str], np.ndarray] = {}
@@ -547,17 +546,9 @@ class _Ladder:
             refs = split.references[self.shortlist(base, split)[1]]
             targets.append((self.labels[split.queries][:, None] == self.labels[refs]).ravel())
         x, y = np.concatenate(features), np.concatenate(targets)
-        self.verifier_pairs = len(y)
-        n_global = len(feature_names(len(self.scales), local=False))
-        models = {}
-        for name, hidden in MODELS.items():
-            models[f"{name}-global"] = train_verifier(
-                x[:, :n_global], y, self.featurizer.names[:n_global], hidden=hidden
-            )
-            if self.featurizer.local:
-                models[name] = train_verifier(x, y, self.featurizer.names, hidden=hidden)
-        self.say(f"verifiers trained on {len(y)} pairs ({100 * y.mean():.1f}% same class)")
-        return models
+        self.verifier_pairs += len(y)
+        self.say(f"training verifiers on {len(y)} pairs ({100 * y.mean():.1f}% same class)")
+        return train_verifiers(x, y, self.featurizer.names, len(feature_names(len(self.scales), local=False)))
 
     def verify(self, bases: dict[str, str]) -> None:
         """Stages 8 and 9: shortlists of each variant's base space re-scored by every verifier."""
@@ -572,12 +563,7 @@ class _Ladder:
                 for name, model in models.items():
                     p = model.probability(features[..., : len(model.names)])
                     for rule in RULES:
-                        scores = rescore(sims, p, rule)
-                        order = np.argsort(-scores, axis=1, kind="stable")
-                        self.shortlists[(f"{base}|{name}|{rule}", split.name)] = (
-                            np.take_along_axis(scores, order, axis=1),
-                            np.take_along_axis(ids, order, axis=1),
-                        )
+                        self.shortlists[(f"{base}|{name}|{rule}", split.name)] = rerank(sims, ids, p, rule)
         for stage, chosen in (
             ("+ verifier (no local features)", [n for n in names if n.endswith("-global")]),
             ("+ verifier", [n for n in names if not n.endswith("-global")]),

@@ -43,6 +43,7 @@ from lookalike.recognize.multiscale import REDUCERS, similarity_matrices
 _log = logging.getLogger(__name__)
 
 RULES: Final = ("product", "probability")
+MODELS: Final = {"logistic": 0, "mlp": 16}  # verifier name → hidden width
 _FORMAT_VERSION: Final = 1
 _CONTEXT: Final = ("similarity", "log_rank", "top_similarity", "gap", "agreement")
 _LOCAL: Final = ("log_matches", "log_inliers")
@@ -221,11 +222,11 @@ class PairVerifier:
         layers |= {f"b{i}": b for i, b in enumerate(self.biases)}
         save_npz_atomic(
             path,
-            version=np.int64(_FORMAT_VERSION),
+            version=np.array(_FORMAT_VERSION, dtype=np.int64),
             names=np.array(self.names, dtype=str),
             mean=self.mean,
             scale=self.scale,
-            layers=np.int64(len(self.weights)),
+            layers=np.array(len(self.weights), dtype=np.int64),
             **layers,
         )
 
@@ -327,12 +328,39 @@ def rescore(similarities: np.ndarray, probabilities: np.ndarray, rule: str = "pr
     return np.maximum(np.asarray(similarities, dtype=np.float64), 0.0) * p
 
 
+def train_verifiers(
+    features: np.ndarray, targets: np.ndarray, names: Sequence[str], global_columns: int, seed: int = 0
+) -> dict[str, PairVerifier]:
+    """Every model of :data:`MODELS`, as ``<name>-global`` on the first ``global_columns`` features (no
+    local-feature columns) and, when ``names`` has more columns, as ``<name>`` on all of them."""
+    models = {}
+    for name, hidden in MODELS.items():
+        models[f"{name}-global"] = train_verifier(
+            features[:, :global_columns], targets, names[:global_columns], hidden=hidden, seed=seed
+        )
+        if len(names) > global_columns:
+            models[name] = train_verifier(features, targets, names, hidden=hidden, seed=seed)
+    return models
+
+
+def rerank(
+    similarities: np.ndarray, ids: np.ndarray, probabilities: np.ndarray, rule: str = "product"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shortlists ``(Q, V)`` re-scored by :func:`rescore` and re-sorted, best first (ties keep the order)."""
+    scores = rescore(similarities, probabilities, rule)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(np.asarray(ids), order, axis=1)
+
+
 __all__ = [
+    "MODELS",
     "RULES",
     "PairFeaturizer",
     "PairVerifier",
     "feature_names",
     "pair_features",
+    "rerank",
     "rescore",
     "train_verifier",
+    "train_verifiers",
 ]
