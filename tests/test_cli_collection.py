@@ -7,11 +7,8 @@ they run side by side (two at a time) and each test checks the outcome of its ow
 from __future__ import annotations
 
 import csv
-import json
-import os
 import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +17,8 @@ import pytest
 from PIL import ImageOps
 
 from lookalike.collection import Collection
-from tests.conftest import require_weights
+from tests.conftest import json_lines, require_weights
+from tests.conftest import run_cli as run
 from tests.corpus import SAMPLE_PHOTOS, copy_sample, encode, variant
 
 pytestmark = pytest.mark.weights
@@ -28,17 +26,6 @@ pytestmark = pytest.mark.weights
 NAMES = sorted(p.name for p in SAMPLE_PHOTOS)
 SETTINGS = ("--imsize", "128", "--precision", "fp32")
 Ran = dict[str, list[subprocess.CompletedProcess[str]]]
-
-
-def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "lookalike", *args]
-    return subprocess.run(
-        command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600
-    )
-
-
-def json_lines(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def succeeded(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
