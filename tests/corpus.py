@@ -124,3 +124,13 @@ def one_network_per_setting() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("lookalike.collection.collection.Extractor", shared)
         yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_resnet50_network() -> Iterator[None]:
+    """Autouse where imported: one ResNet-50 extractor per settings for the whole test module."""
+    from tests.conftest import require_weights
+
+    require_weights("resnet50.keras-imagenet")
+    with one_network_per_setting():
+        yield

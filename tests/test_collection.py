@@ -24,20 +24,19 @@ from lookalike.errors import CollectionBusyError, CollectionError, SettingsMisma
 from lookalike.extract import DescriptorSettings, Extractor
 from lookalike.images import load_image
 from lookalike.whitening import Whitening
-from tests.conftest import SAMPLE, require_weights
-from tests.corpus import SAMPLE_PHOTOS, copy_sample, encode, one_network_per_setting, variant
+from tests.conftest import SAMPLE
+from tests.corpus import (
+    SAMPLE_PHOTOS,
+    copy_sample,
+    encode,
+    shared_resnet50_network,  # noqa: F401 (autouse fixture)
+    variant,
+)
 
 SETTINGS = DescriptorSettings(imsize=128, precision="fp32")
 NAMES = [p.name for p in SAMPLE_PHOTOS]
 
 pytestmark = pytest.mark.weights
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_network() -> Iterator[None]:
-    require_weights("resnet50.keras-imagenet")
-    with one_network_per_setting():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +22,14 @@ from PIL import Image, ImageOps
 from lookalike.collection import Collection
 from lookalike.extract import DescriptorSettings
 from lookalike.walk import walk_images
-from tests.conftest import require_weights
 from tests.corpus import (
     HAS_HEIF,
     SAMPLE_PHOTOS,
     bomb_png,
     encode,
     exif_with_orientation,
-    one_network_per_setting,
     photo_family,
+    shared_resnet50_network,  # noqa: F401 (autouse fixture)
     variant,
 )
 
@@ -41,13 +40,6 @@ DIM = 2048
 Contents = dict[str, tuple[int, np.ndarray]]
 
 pytestmark = pytest.mark.weights
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_network() -> Iterator[None]:
-    require_weights("resnet50.keras-imagenet")
-    with one_network_per_setting():
-        yield
 
 
 def sample(stem: str) -> Path:
