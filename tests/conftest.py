@@ -74,3 +74,40 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 def json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def succeeded(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    return result
+
+
+LABELLED_CLASSES = ("astronaut", "cat", "coffee", "hubble", "rocket")
+
+
+@pytest.fixture(scope="session")
+def labelled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """photos/<class>/{whole,flip,crop}.jpg indexed into a collection (ResNet-50 at 160 px), a stray
+    unlabelled photo in the root, and queries — other versions of three photos — that are not indexed."""
+    from PIL import ImageEnhance
+
+    from tests.corpus import variant
+
+    require_weights("resnet50.keras-imagenet")
+    base = tmp_path_factory.mktemp("recognize")
+    photos = base / "photos"
+    for name in LABELLED_CLASSES:
+        (photos / name).mkdir(parents=True)
+        for kind in ("whole", "flip", "crop"):
+            variant(SAMPLE / f"{name}.jpg", kind).save(photos / name / f"{kind}.jpg", quality=92)
+    Image.open(SAMPLE / "cells.jpg").save(photos / "stray.jpg")
+    queries = base / "queries"
+    queries.mkdir()
+    (queries / "cat.jpg").write_bytes((SAMPLE / "cat-crop-flip.jpg").read_bytes())
+    (queries / "coffee.jpg").write_bytes((SAMPLE / "coffee-rotated-dark.jpg").read_bytes())
+    dark = ImageEnhance.Brightness(variant(SAMPLE / "rocket.jpg", "crop-flip")).enhance(0.7)
+    dark.save(queries / "rocket.jpg", quality=85)
+    collection = base / "collection"
+    settings = ("--imsize", "160", "--precision", "fp32")
+    succeeded(run_cli("index", str(photos), "--collection", str(collection), "--quiet", *settings))
+    return {"photos": photos, "queries": queries, "collection": collection}

@@ -207,6 +207,41 @@ def test_api_docs_render_offline(browser_page, base_url: str) -> None:
     assert "/api/search" in page.locator(".swagger-ui").inner_text()
 
 
+def test_a_labelled_collection_also_says_what_the_image_shows(
+    labelled: dict[str, Path], tmp_path: Path
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from lookalike.serve import create_app
+
+    with serving(create_app(labelled["collection"])) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            page = browser.new_page(bypass_csp=True)  # for wait_for_function, as in browser_page
+            page.set_default_timeout(60_000)
+            page.goto(url)
+            page.wait_for_function("document.getElementById('collection').textContent.includes('images')")
+            page.set_input_files("#file", str(labelled["queries"] / "coffee.jpg"))
+            label = page.locator("#label")
+            label.wait_for()
+            assert label.locator("strong").inner_text() == "coffee"
+            assert "confidence" in label.inner_text() and "of 7 neighbours" in label.inner_text()
+            assert result_names(page)[0] in {"whole.jpg", "flip.jpg", "crop.jpg"}
+            page.locator("#results .tile button").nth(0).click()
+            page.get_by_role("button", name="Search with this image").click()
+            page.wait_for_function(
+                "document.getElementById('query-name').textContent.endsWith('.jpg')"
+                " && !document.getElementById('label').hidden"
+            )
+            assert label.locator("strong").inner_text() == "coffee"
+        finally:
+            browser.close()
+
+
 def save_docs_screenshot(shot: Path) -> None:
     """docs/screenshot.png for the README: written when missing, or when LOOKALIKE_UPDATE_SCREENSHOT=1
     (so a test run does not rewrite a tracked file each time); a 256-colour PNG keeps it small."""

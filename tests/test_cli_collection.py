@@ -17,7 +17,7 @@ import pytest
 from PIL import ImageOps
 
 from lookalike.collection import Collection
-from tests.conftest import json_lines, require_weights
+from tests.conftest import json_lines, require_weights, succeeded
 from tests.conftest import run_cli as run
 from tests.corpus import SAMPLE_PHOTOS, copy_sample, encode, variant
 
@@ -26,12 +26,6 @@ pytestmark = pytest.mark.weights
 NAMES = sorted(p.name for p in SAMPLE_PHOTOS)
 SETTINGS = ("--imsize", "128", "--precision", "fp32")
 Ran = dict[str, list[subprocess.CompletedProcess[str]]]
-
-
-def succeeded(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -5,67 +5,24 @@ versions of the photos, which are not indexed."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageEnhance
+from PIL import Image
 
 from lookalike.collection import Collection
 from lookalike.recognize import Prediction
 from lookalike.recognize.service import Recognizer, folder_label, read_labels
-from tests.conftest import SAMPLE, require_weights
-from tests.corpus import variant
+from tests.conftest import LABELLED_CLASSES, json_lines, run_cli, succeeded
 
 pytestmark = pytest.mark.weights
 
-CLASSES = ("astronaut", "cat", "coffee", "hubble", "rocket")
-SETTINGS = ("--imsize", "160", "--precision", "fp32")
-
-
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "lookalike", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=dict(os.environ), timeout=600)
-
-
-def succeeded(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    return result
-
-
-@pytest.fixture(scope="module")
-def labelled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """photos/<class>/{whole,flip,crop}.jpg indexed into a collection, a stray unlabelled photo in the
-    root, and queries that are not indexed."""
-    require_weights("resnet50.keras-imagenet")
-    base = tmp_path_factory.mktemp("recognize")
-    photos = base / "photos"
-    for name in CLASSES:
-        (photos / name).mkdir(parents=True)
-        for kind in ("whole", "flip", "crop"):
-            variant(SAMPLE / f"{name}.jpg", kind).save(photos / name / f"{kind}.jpg", quality=92)
-    Image.open(SAMPLE / "cells.jpg").save(photos / "stray.jpg")
-    queries = base / "queries"
-    queries.mkdir()
-    (queries / "cat.jpg").write_bytes((SAMPLE / "cat-crop-flip.jpg").read_bytes())
-    (queries / "coffee.jpg").write_bytes((SAMPLE / "coffee-rotated-dark.jpg").read_bytes())
-    dark = ImageEnhance.Brightness(variant(SAMPLE / "rocket.jpg", "crop-flip")).enhance(0.7)
-    dark.save(queries / "rocket.jpg", quality=85)
-    collection = base / "collection"
-    succeeded(run("index", str(photos), "--collection", str(collection), "--quiet", *SETTINGS))
-    return {"photos": photos, "queries": queries, "collection": collection}
-
-
-def json_lines(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+CLASSES = LABELLED_CLASSES
 
 
 def test_recognize_names_the_class_and_its_neighbours(labelled: dict[str, Path]) -> None:
     queries = [str(labelled["queries"] / f"{name}.jpg") for name in ("cat", "coffee", "rocket")]
-    result = succeeded(run("recognize", *queries, "--collection", str(labelled["collection"]), "--json"))
+    result = succeeded(run_cli("recognize", *queries, "--collection", str(labelled["collection"]), "--json"))
     records = json_lines(result.stdout)
     assert [r["query"] for r in records] == queries
     for name, record in zip(("cat", "coffee", "rocket"), records, strict=True):
@@ -90,7 +47,7 @@ def test_recognize_names_the_class_and_its_neighbours(labelled: dict[str, Path])
 def test_recognize_methods(labelled: dict[str, Path], options: tuple[str, ...], count: int) -> None:
     query = labelled["queries"] / "cat.jpg"
     args = ("recognize", str(query), "-c", str(labelled["collection"]), "--json", *options)
-    record = json.loads(succeeded(run(*args)).stdout)
+    record = json.loads(succeeded(run_cli(*args)).stdout)
     assert record["label"] == "cat"
     assert len(record["neighbours"]) == count
 
@@ -107,7 +64,7 @@ def test_recognize_labels_from_csv(labelled: dict[str, Path], tmp_path: Path) ->
     csv_file.write_text("\n".join(rows) + "\n")
     queries = [str(labelled["queries"] / "cat.jpg"), str(labelled["queries"] / "coffee.jpg")]
     args = ("-c", str(labelled["collection"]), "--labels", str(csv_file), "--json", "-k", "3")
-    cat, coffee = json_lines(succeeded(run("recognize", *queries, *args)).stdout)
+    cat, coffee = json_lines(succeeded(run_cli("recognize", *queries, *args)).stdout)
     assert cat["label"] == "feline"
     assert all(not n["path"].startswith("coffee/") for n in coffee["neighbours"])
 
@@ -117,7 +74,7 @@ def test_recognize_indexed_queries(labelled: dict[str, Path]) -> None:
         record = collection.record("astronaut/crop.jpg")
         assert record is not None
     args = ("hubble/flip.jpg", f"id:{record.id}", "-c", str(labelled["collection"]), "--json")
-    hubble, astronaut = json_lines(succeeded(run("recognize", *args)).stdout)
+    hubble, astronaut = json_lines(succeeded(run_cli("recognize", *args)).stdout)
     assert hubble["label"] == "hubble"
     assert hubble["neighbours"][0]["path"] == "hubble/flip.jpg"  # an indexed image finds itself first
     assert hubble["neighbours"][0]["similarity"] == pytest.approx(1.0, abs=1e-4)
@@ -126,11 +83,11 @@ def test_recognize_indexed_queries(labelled: dict[str, Path]) -> None:
 
 def test_recognize_errors_are_one_line(labelled: dict[str, Path], tmp_path: Path) -> None:
     query = str(labelled["queries"] / "cat.jpg")
-    bad = run("recognize", query, "-c", str(labelled["collection"]), "--method", "vote")
+    bad = run_cli("recognize", query, "-c", str(labelled["collection"]), "--method", "vote")
     assert bad.returncode == 1 and "unknown kNN method" in bad.stderr and "Traceback" not in bad.stderr
     empty = tmp_path / "empty.csv"
     empty.write_text("path,label\n")
-    none = run("recognize", query, "-c", str(labelled["collection"]), "--labels", str(empty))
+    none = run_cli("recognize", query, "-c", str(labelled["collection"]), "--labels", str(empty))
     assert none.returncode == 1 and "no indexed image" in none.stderr and "Traceback" not in none.stderr
 
 

@@ -53,6 +53,10 @@ class ConfigError(LookalikeError, ValueError):
     """An option or combination of options is invalid."""
 
 
+class NoReferencesError(ConfigError):
+    """Recognition has no labelled reference image to compare with."""
+
+
 class WhiteningError(LookalikeError):
     """Whitening could not be fitted, applied or loaded (too few samples, shape mismatch, bad file)."""
 

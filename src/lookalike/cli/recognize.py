@@ -10,41 +10,44 @@ from rich.table import Table
 from lookalike.cli.collections import COLLECTION, JSON, collection_path, parse_bbox, parse_id
 from lookalike.cli.common import console, print_json, reported_errors
 from lookalike.collection import Collection
-from lookalike.errors import ConfigError
 from lookalike.recognize.knn import METHODS, TRANSFORMS, Prediction
-from lookalike.recognize.service import Recognizer
+from lookalike.recognize.service import (
+    DEFAULT_ALPHA,
+    DEFAULT_K,
+    DEFAULT_METHOD,
+    DEFAULT_TRANSFORM,
+    Recognizer,
+    RecognizerOptions,
+)
 
-DEFAULT_ALPHA = 0.9
+METHOD = typer.Option(DEFAULT_METHOD, "--method", help=f"Voting rule, one of: {', '.join(METHODS)}.")
+K = typer.Option(DEFAULT_K, "-k", min=1, help="Neighbours that vote (1-NN uses 1).")
+TRANSFORM = typer.Option(
+    DEFAULT_TRANSFORM, "--transform", help=f"Similarity transform, one of: {', '.join(TRANSFORMS)}."
+)
+ALPHA = typer.Option(
+    None, "--alpha", help=f"Expansion distance of --method alpha (default: {DEFAULT_ALPHA})."
+)
+LABELS = typer.Option(
+    None, "--labels", help="CSV of path,label (default: the first folder below the collection root)."
+)
 
 
 def recognize(
     images: list[str] = typer.Argument(..., help="Image files, indexed paths or id:N (one answer each)."),
     collection: Path = COLLECTION,
-    method: str = typer.Option("knn", "--method", help=f"One of: {', '.join(METHODS)}."),
-    k: int = typer.Option(7, "-k", help="Neighbours that vote (1-NN uses 1)."),
-    transform: str = typer.Option("identity", "--transform", help=f"One of: {', '.join(TRANSFORMS)}."),
-    alpha: float = typer.Option(
-        None, "--alpha", help=f"Expansion distance of --method alpha (default: {DEFAULT_ALPHA})."
-    ),
-    labels: Path = typer.Option(
-        None, "--labels", help="CSV of path,label (default: the first folder below the collection root)."
-    ),
+    method: str = METHOD,
+    k: int = K,
+    transform: str = TRANSFORM,
+    alpha: float = ALPHA,
+    labels: Path = LABELS,
     bbox: str = typer.Option(None, "--bbox", help="Crop the query to x0,y0,x1,y1 first."),
     as_json: bool = JSON,
 ) -> None:
     """Recognise images: label, confidence and the labelled neighbours that support it (JSON lines when
     piped or with --json)."""
     with reported_errors(), Collection.open(collection_path(collection), readonly=True) as opened:
-        if alpha is not None and method != "alpha":
-            raise ConfigError("--alpha is used by --method alpha only")
-        recognizer = Recognizer(
-            opened,
-            method=method,
-            k=None if method == "1nn" else k,
-            transform=transform,
-            labels=labels,
-            alpha=(DEFAULT_ALPHA if alpha is None else alpha) if method == "alpha" else None,
-        )
+        recognizer = RecognizerOptions(method, k, transform, alpha, labels).build(opened)
         for image in images:
             query: int | str = parse_id(image) if image.startswith("id:") else image
             show(image, method, recognizer, recognizer.recognize(query, parse_bbox(bbox)), as_json)

@@ -10,6 +10,7 @@ import typer
 
 from lookalike.cli.collections import COLLECTION, collection_path
 from lookalike.cli.common import console, errors, reported_errors
+from lookalike.cli.recognize import ALPHA, LABELS, METHOD, TRANSFORM, K
 from lookalike.images import DEFAULT_MAX_PIXELS
 
 
@@ -25,17 +26,25 @@ def serve(
     max_pixels: int = typer.Option(
         DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Largest image accepted, in pixels (width × height)."
     ),
+    method: str = METHOD,
+    k: int = K,
+    transform: str = TRANSFORM,
+    alpha: float = ALPHA,
+    labels: Path = LABELS,
 ) -> None:
-    """Serve a web page and a REST API: upload an image, see the 30 most similar. Ctrl+C stops."""
+    """Serve a web page and a REST API: upload an image, see the 30 most similar and, when the collection has
+    labelled images (one folder per class, or --labels), what it shows. Ctrl+C stops."""
     import uvicorn
 
+    from lookalike.recognize import RecognizerOptions
     from lookalike.serve import ServeSettings, create_app
     from lookalike.serve.settings import MEGABYTE
 
     path = collection_path(collection)
     with reported_errors():
         settings = ServeSettings(max_upload_bytes=round(max_upload_mb * MEGABYTE), max_pixels=max_pixels)
-        app = create_app(path, settings)
+        recognition = RecognizerOptions(method, k, transform, alpha, labels)
+        app = create_app(path, settings, recognition)
     address = f"[{host}]" if ":" in host else host
     console.print(
         f"lookalike: {path} on http://{address}:{port}/ (API: /docs); Ctrl+C stops", highlight=False

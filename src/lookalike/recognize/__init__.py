@@ -4,6 +4,8 @@
 α-expanded mean k-NN) and :class:`KnnClassifier`; :mod:`~lookalike.recognize.multiscale` compares
 multi-scale descriptors through similarity matrices (:class:`MultiScaleKnn`) or aggregates chosen scales
 (:class:`AggregatedClassifier`). Predictions carry a confidence for ranking by micro-AP / GAP.
+:class:`Recognizer` (:mod:`~lookalike.recognize.service`) recognises images against the labelled images of
+a collection.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from lookalike.recognize.multiscale import (
     fit_multiscale_whitening,
     similarity_matrices,
 )
+from lookalike.recognize.service import Recognizer, RecognizerOptions
 
 __all__ = [
     "DEFAULT_SCALES",
@@ -43,6 +46,8 @@ __all__ = [
     "MultiScaleWhitening",
     "Neighbour",
     "Prediction",
+    "Recognizer",
+    "RecognizerOptions",
     "aggregate",
     "alpha_mean_knn_classify",
     "binary_weight_vectors",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from PIL import Image
 
 from lookalike.collection import Collection
 from lookalike.collection.query import BBox, query_vector
-from lookalike.errors import ConfigError
+from lookalike.errors import ConfigError, NoReferencesError
 from lookalike.recognize.knn import KnnClassifier, Neighbour, Prediction, Transform
 
 _log = logging.getLogger(__name__)
@@ -51,6 +52,39 @@ def read_labels(path: str | Path) -> dict[str, str]:
     return labels
 
 
+DEFAULT_METHOD = "knn"
+DEFAULT_K = 7
+DEFAULT_TRANSFORM = "identity"
+DEFAULT_ALPHA = 0.9
+
+
+@dataclass(frozen=True)
+class RecognizerOptions:
+    """How a :class:`Recognizer` votes and where its labels come from, as one value (the CLI and the server
+    pass it along). ``alpha`` is used by method ``"alpha"`` only and defaults to ``DEFAULT_ALPHA`` there;
+    ``k`` is ignored by ``"1nn"``."""
+
+    method: str = DEFAULT_METHOD
+    k: int = DEFAULT_K
+    transform: str = DEFAULT_TRANSFORM
+    alpha: float | None = None
+    labels: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.alpha is not None and self.method != "alpha":
+            raise ConfigError("alpha is used by method 'alpha' only")
+
+    def build(self, collection: Collection) -> Recognizer:
+        return Recognizer(
+            collection,
+            method=self.method,
+            k=None if self.method == "1nn" else self.k,
+            transform=self.transform,
+            labels=self.labels,
+            alpha=(DEFAULT_ALPHA if self.alpha is None else self.alpha) if self.method == "alpha" else None,
+        )
+
+
 class Recognizer:
     """kNN recognition with a collection's labelled images as references.
 
@@ -63,9 +97,9 @@ class Recognizer:
     def __init__(
         self,
         collection: Collection,
-        method: str = "knn",
-        k: int | None = None,
-        transform: str | Transform = "identity",
+        method: str = DEFAULT_METHOD,
+        k: int | None = DEFAULT_K,
+        transform: str | Transform = DEFAULT_TRANSFORM,
         labels: Mapping[str, str] | str | Path | None = None,
         alpha: float | None = None,
     ) -> None:
@@ -83,10 +117,12 @@ class Recognizer:
                 keep.append(row)
                 names.append(label)
         if not keep:
-            raise ConfigError(
+            raise NoReferencesError(
                 f"no indexed image of {collection.path} has a label: put the references in one folder per "
                 "class below the collection root, or pass a CSV of path,label"
             )
+        self.method = method
+        self.transform = transform if isinstance(transform, str) else getattr(transform, "__name__", "custom")
         self.image_ids = ids[keep]
         self.labels = tuple(names)
         self.paths = {int(i): records[int(i)].path for i in self.image_ids}
@@ -123,4 +159,4 @@ class Recognizer:
         return Prediction(prediction.label, prediction.confidence, neighbours)
 
 
-__all__ = ["Recognizer", "folder_label", "read_labels"]
+__all__ = ["Recognizer", "RecognizerOptions", "folder_label", "read_labels"]

@@ -16,14 +16,22 @@ from lookalike.collection.store import ImageRecord
 from lookalike.errors import ConfigError, ImageError
 from lookalike.serve.engine import Engine
 from lookalike.serve.errors import ApiError, upload_error
-from lookalike.serve.params import SEARCH_REQUEST_BODY, read_search_request
+from lookalike.serve.params import (
+    RECOGNIZE_REQUEST_BODY,
+    SEARCH_REQUEST_BODY,
+    SearchRequest,
+    read_search_request,
+)
 from lookalike.serve.schemas import (
     ERROR_RESPONSES,
     HealthResponse,
     Hit,
     InfoResponse,
     Limits,
+    Neighbour,
     QueryInfo,
+    Recognition,
+    RecognizeResponse,
     SearchResponse,
 )
 
@@ -50,31 +58,13 @@ async def search(request: Request) -> SearchResponse:
     started = time.perf_counter()
     engine = engine_of(request)
     asked = await read_search_request(request, engine.settings)
-    bbox = list(asked.bbox) if asked.bbox else None
+    query, image = await _query(engine, asked)
     try:
-        if asked.image_id is not None:
-            record = await engine.record(asked.image_id)
-            name, width, height = Path(record.path).name, record.width, record.height
-            if asked.bbox is None:
-                hits = await engine.search(record.id, asked.k)
-            else:
-                image = await _indexed_image(engine, record)
-                hits = await engine.search(await engine.describe(image, asked.bbox), asked.k)
-        else:
-            assert asked.image is not None
-            image = await engine.decode(asked.image, asked.name)
-            name, width, height = asked.name, image.width, image.height
-            hits = await engine.search(await engine.describe(image, asked.bbox), asked.k)
+        target = await engine.describe(image, asked.bbox) if image is not None else asked.image_id
+        assert target is not None
+        hits = await engine.search(target, asked.k)
     except (ImageError, ConfigError) as exc:
         raise upload_error(exc) from exc
-    query = QueryInfo(
-        kind="upload" if asked.image_id is None else "id",
-        id=asked.image_id,
-        name=name,
-        width=width,
-        height=height,
-        bbox=bbox,
-    )
     records = await engine.records([hit.id for hit in hits])
     return SearchResponse(
         query=query,
@@ -84,8 +74,42 @@ async def search(request: Request) -> SearchResponse:
     )
 
 
-# POST /api/recognize — kNN recognition (lookalike.recognize) belongs here, beside search: same upload
-# handling (read_search_request, engine.decode, engine.describe), its own response model in schemas.py.
+@router.post(
+    "/recognize",
+    response_model=RecognizeResponse,
+    responses={s: ERROR_RESPONSES[s] for s in (404, 409, 413, 415, 422, 503)},
+    openapi_extra={"requestBody": RECOGNIZE_REQUEST_BODY},
+    summary="What an uploaded or indexed image shows, by its nearest labelled images",
+)
+async def recognize(request: Request) -> RecognizeResponse:
+    """Send an image as multipart field `image`, or an indexed image's `id` (an indexed image is among the
+    references, so it finds itself). `bbox` "x0,y0,x1,y1" crops the query first. The answer is the label
+    with the highest vote, its confidence and the neighbours that voted; see `recognition` in /api/info."""
+    started = time.perf_counter()
+    engine = engine_of(request)
+    asked = await read_search_request(request, engine.settings, with_k=False)
+    query, image = await _query(engine, asked)
+    try:
+        target = await engine.describe(image, asked.bbox) if image is not None else asked.image_id
+        assert target is not None
+        prediction = await engine.recognize(target)
+    except (ImageError, ConfigError) as exc:
+        raise upload_error(exc) from exc
+    recognizer = engine.recognizer
+    assert recognizer is not None
+    records = await engine.records([n.id for n in prediction.neighbours])
+    neighbours = []
+    for rank, n in enumerate(prediction.neighbours, start=1):
+        hit = SearchHit(rank, n.id, recognizer.path(n.id), n.similarity)
+        neighbours.append(Neighbour(**_hit(request, hit, records.get(n.id)).model_dump(), label=n.label))
+    return RecognizeResponse(
+        query=query,
+        label=prediction.label,
+        confidence=round(prediction.confidence, 6) if prediction.label is not None else None,
+        method=recognizer.method,
+        took_ms=round((time.perf_counter() - started) * 1000, 1),
+        neighbours=neighbours,
+    )
 
 
 @router.get(
@@ -143,6 +167,7 @@ async def info(request: Request) -> InfoResponse:
             max_k=settings.max_k,
             thumb_size=settings.thumb_size,
         ),
+        recognition=_recognition(engine),
     )
 
 
@@ -151,11 +176,45 @@ async def health(request: Request) -> HealthResponse:
     return HealthResponse(status="ok", indexed=await engine_of(request).indexed())
 
 
+async def _query(engine: Engine, asked: SearchRequest) -> tuple[QueryInfo, Image.Image | None]:
+    """What the query is, and its pixels when they must be described (an upload, or a crop of an indexed
+    image); an indexed image searched whole uses its stored descriptor."""
+    bbox = list(asked.bbox) if asked.bbox else None
+    if asked.image_id is not None:
+        record = await engine.record(asked.image_id)
+        image = await _indexed_image(engine, record) if asked.bbox is not None else None
+        name, width, height = Path(record.path).name, record.width, record.height
+    else:
+        assert asked.image is not None
+        try:
+            image = await engine.decode(asked.image, asked.name)
+        except ImageError as exc:
+            raise upload_error(exc) from exc
+        name, width, height = asked.name, image.width, image.height
+    kind = "upload" if asked.image_id is None else "id"
+    return QueryInfo(kind=kind, id=asked.image_id, name=name, width=width, height=height, bbox=bbox), image
+
+
 async def _indexed_image(engine: Engine, record: ImageRecord) -> Image.Image:
     try:
         return await engine.load(record)
     except ImageError as exc:
         raise ApiError(404, "file unreadable", f"image {record.id}: {exc.reason}") from exc
+
+
+def _recognition(engine: Engine) -> Recognition | None:
+    recognizer = engine.recognizer
+    if recognizer is None:
+        return None
+    classifier = recognizer.classifier
+    return Recognition(
+        method=recognizer.method,
+        k=classifier.k,
+        transform=recognizer.transform,
+        alpha=classifier.alpha,
+        references=len(recognizer.labels),
+        classes=recognizer.classes,
+    )
 
 
 def _hit(request: Request, hit: SearchHit, record: ImageRecord | None) -> Hit:

@@ -12,6 +12,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from lookalike.recognize import RecognizerOptions
 from lookalike.serve import api
 from lookalike.serve.engine import Engine
 from lookalike.serve.errors import install_error_handlers
@@ -30,10 +31,15 @@ PAGE_HEADERS = {
 }
 
 
-def create_app(collection_path: str | Path, settings: ServeSettings | None = None) -> FastAPI:
-    """The app for one collection. The model and index load now, once; the collection closes at shutdown."""
+def create_app(
+    collection_path: str | Path,
+    settings: ServeSettings | None = None,
+    recognition: RecognizerOptions | None = None,
+) -> FastAPI:
+    """The app for one collection. The model and index load now, once; the collection closes at shutdown.
+    ``recognition`` sets how /api/recognize votes (see :meth:`Engine.open`)."""
     settings = settings or ServeSettings()
-    engine = Engine.open(collection_path, settings)
+    engine = Engine.open(collection_path, settings, recognition)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -42,7 +48,7 @@ def create_app(collection_path: str | Path, settings: ServeSettings | None = Non
 
     app = FastAPI(
         title="lookalike",
-        summary="Search a collection of images by their content.",
+        summary="Search a collection of images by their content, and recognise what they show.",
         version=_version(),
         docs_url=None,
         redoc_url=None,

@@ -23,7 +23,9 @@ from PIL import Image
 from lookalike.collection import Collection, SearchHit
 from lookalike.collection.collection import BBox
 from lookalike.collection.store import ImageRecord
+from lookalike.errors import NoReferencesError
 from lookalike.images import load_image, load_image_bytes
+from lookalike.recognize import Prediction, Recognizer, RecognizerOptions
 from lookalike.serve.errors import ApiError
 from lookalike.serve.files import THUMBS, ThumbnailCache, media_type
 from lookalike.serve.settings import ServeSettings
@@ -36,9 +38,12 @@ T = TypeVar("T")
 class Engine:
     """Searches, records and files of one collection, opened read-only; use ``Engine.open``."""
 
-    def __init__(self, collection: Collection, settings: ServeSettings) -> None:
+    def __init__(
+        self, collection: Collection, settings: ServeSettings, recognizer: Recognizer | None = None
+    ) -> None:
         self.collection = collection
         self.settings = settings
+        self.recognizer = recognizer
         self.thumbnails = ThumbnailCache(collection.path / THUMBS, settings.thumb_size, settings.max_pixels)
         self._inference = ThreadPoolExecutor(1, thread_name_prefix="lookalike-inference")
         self._store = ThreadPoolExecutor(1, thread_name_prefix="lookalike-store")
@@ -46,24 +51,35 @@ class Engine:
         self._waiting = 0  # searches queued for or in the inference thread (counted on the event loop)
 
     @classmethod
-    def open(cls, path: str | Path, settings: ServeSettings | None = None) -> Engine:
-        """Open the collection, load the model and the index, and run the model once so it is warm."""
+    def open(
+        cls,
+        path: str | Path,
+        settings: ServeSettings | None = None,
+        recognition: RecognizerOptions | None = None,
+    ) -> Engine:
+        """Open the collection, load the model and the index, and run the model once so it is warm.
+
+        Recognition (``/api/recognize``) uses the collection's labelled images as references, with
+        ``recognition`` or the default options; a collection without labelled images is served without it,
+        unless ``recognition.labels`` names a file, whose errors are raised."""
         collection = Collection.open(path, readonly=True)
         try:
             extractor = collection.extractor
             extractor.describe(Image.new("RGB", (64, 64), (128, 128, 128)))
             index = collection.index()
+            recognizer = _recognizer(collection, recognition or RecognizerOptions())
             log.info(
-                "serving %s: %d images, %s (%s)",
+                "serving %s: %d images, %s (%s), recognition %s",
                 path,
                 index.ntotal,
                 extractor.config.name,
                 extractor.precision,
+                f"over {len(recognizer.labels)} references" if recognizer else "off (no labelled images)",
             )
         except BaseException:
             collection.close()
             raise
-        return cls(collection, settings or ServeSettings())
+        return cls(collection, settings or ServeSettings(), recognizer)
 
     def close(self) -> None:
         """Finish the work under way, then close the collection."""
@@ -109,6 +125,18 @@ class Engine:
         """Top-``k`` hits for a raw descriptor or an indexed image id."""
         return await self._run(self._store, self.collection.search, query, k)
 
+    async def recognize(self, raw: np.ndarray) -> Prediction:
+        """The label of a raw descriptor (409 when the collection has no labelled images)."""
+        recognizer = self.recognizer
+        if recognizer is None:
+            raise ApiError(
+                409,
+                "no references",
+                "recognition needs labelled images: index them in one folder per class below the "
+                "collection root, or start the server with --labels CSV",
+            )
+        return await self._run(self._store, recognizer.recognize, raw)
+
     async def records(self, ids: list[int]) -> dict[int, ImageRecord]:
         return await self._run(self._store, self.collection.records, ids)
 
@@ -137,3 +165,12 @@ class Engine:
     async def thumbnail(self, record: ImageRecord) -> Path | bytes:
         assert record.sha256 is not None
         return await self._run(self._files, self.thumbnails.get, self.file(record), record.sha256)
+
+
+def _recognizer(collection: Collection, options: RecognizerOptions) -> Recognizer | None:
+    try:
+        return options.build(collection)
+    except NoReferencesError:
+        if options.labels is not None:
+            raise
+        return None

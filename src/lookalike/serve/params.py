@@ -54,6 +54,18 @@ SEARCH_REQUEST_BODY: dict[str, Any] = {
 }
 
 
+def _without_k(body: dict[str, Any]) -> dict[str, Any]:
+    """The search request body minus ``k``: the schema of POST /api/recognize."""
+    content = {}
+    for media, spec in body["content"].items():
+        properties = {n: p for n, p in spec["schema"]["properties"].items() if n != "k"}
+        content[media] = {"schema": {**spec["schema"], "properties": properties}}
+    return {**body, "content": content}
+
+
+RECOGNIZE_REQUEST_BODY = _without_k(SEARCH_REQUEST_BODY)
+
+
 @dataclass(frozen=True)
 class SearchRequest:
     image: bytes | None
@@ -104,8 +116,11 @@ def parse_id(value: Any) -> int | None:
         raise _invalid(f"id must be an integer, got {value!r}") from None
 
 
-async def read_search_request(request: Request, settings: ServeSettings) -> SearchRequest:
-    """The query of a POST /api/search: multipart or url-encoded form, or JSON."""
+async def read_search_request(
+    request: Request, settings: ServeSettings, with_k: bool = True
+) -> SearchRequest:
+    """The query of a POST /api/search (or /api/recognize, ``with_k=False``, which refuses ``k``):
+    multipart or url-encoded form, or JSON."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     image, name = None, "upload"
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
@@ -133,6 +148,8 @@ async def read_search_request(request: Request, settings: ServeSettings) -> Sear
     image_id = parse_id(fields.get("id"))
     if (image is None) == (image_id is None):
         raise _invalid("give exactly one query: an image file, or the id of an indexed image")
+    if not with_k and fields.get("k") not in (None, ""):
+        raise _invalid("k is not a parameter here: the server's recognition options decide the vote")
     k = parse_k(fields.get("k"), settings.default_k, settings.max_k)
     return SearchRequest(image, name, image_id, k, parse_bbox(fields.get("bbox")))
 

@@ -40,6 +40,30 @@ class SearchResponse(BaseModel):
     results: list[Hit]
 
 
+class Neighbour(Hit):
+    label: str = Field(description="The reference's label (its class folder, or from the labels CSV).")
+
+
+class RecognizeResponse(BaseModel):
+    query: QueryInfo
+    label: str | None = Field(description="What the image shows; null only when there is no reference.")
+    confidence: float | None = Field(
+        description="The winning class's score: rank answers by it, a low one means 'probably none of them'."
+    )
+    method: str = Field(description="The voting rule: knn, 1nn, mean or alpha.")
+    took_ms: float = Field(description="Time spent in the server: decoding, describing, voting.")
+    neighbours: list[Neighbour] = Field(description="The labelled neighbours that voted, nearest first.")
+
+
+class Recognition(BaseModel):
+    method: str
+    k: int
+    transform: str
+    alpha: float | None
+    references: int = Field(description="Labelled images that vote.")
+    classes: list[str]
+
+
 class Limits(BaseModel):
     max_upload_bytes: int
     max_pixels: int | None
@@ -54,6 +78,9 @@ class InfoResponse(BaseModel):
     precision: str
     indexed: int = Field(description="Images in the search index.")
     limits: Limits
+    recognition: Recognition | None = Field(
+        description="How /api/recognize votes; null when the collection has no labelled images."
+    )
 
 
 class HealthResponse(BaseModel):
@@ -65,6 +92,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"description": description, "model": ErrorBody}
     for status, description in {
         404: "no indexed image has this id",
+        409: "recognition needs labelled images and this collection has none",
         413: "the upload is larger than the limit, or the image has more pixels than the limit",
         415: "the upload is not an image in a readable format (content is sniffed, the name is ignored)",
         422: "a parameter is missing or invalid, or the image is corrupt",

@@ -1,5 +1,6 @@
-// The lookalike search page: drop, paste or pick an image; see its most similar images; search again
-// with any of them. Plain JavaScript, no build step, nothing loaded from elsewhere.
+// The lookalike search page: drop, paste or pick an image; see its most similar images and, when the
+// collection has labelled images, what it shows; search again with any of them. Plain JavaScript, no
+// build step, nothing loaded from elsewhere.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -8,6 +9,7 @@ let limits = { max_upload_bytes: 20 * 1024 * 1024, default_k: 30 };
 let running = null; // AbortController of the search under way
 let queryUrl = null; // object URL of the uploaded query image, revoked when replaced
 let viewed = null; // the hit shown in the viewer
+let recognition = null; // how /api/recognize votes, or null when the collection has no labels
 
 async function loadInfo() {
   try {
@@ -15,6 +17,7 @@ async function loadInfo() {
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const info = await response.json();
     limits = info.limits;
+    recognition = info.recognition;
     $("collection").textContent = `${info.indexed} images · ${info.model}`;
   } catch (error) {
     $("collection").textContent = `collection info unavailable (${error.message})`;
@@ -55,11 +58,35 @@ function describeError(body, status) {
   return body.error;
 }
 
-async function runSearch(body, headers) {
+function showLabel(data) {
+  const label = $("label");
+  label.replaceChildren();
+  label.hidden = !data;
+  if (!data) return;
+  const name = document.createElement("strong");
+  name.textContent = data.label;
+  const votes = data.neighbours.filter((n) => n.label === data.label).length;
+  const detail = ` · confidence ${data.confidence.toFixed(3)} · ${votes} of ${data.neighbours.length} neighbours`;
+  label.append("Looks like ", name, detail);
+  label.title = `${data.method} over the collection's labelled images`;
+}
+
+async function runRecognize(body, headers, signal) {
+  try {
+    const response = await fetch("/api/recognize", { method: "POST", body, headers, signal });
+    const data = await response.json().catch(() => null);
+    showLabel(response.ok && data.label !== null ? data : null);
+  } catch (error) {
+    showLabel(null); // the search results stand on their own
+  }
+}
+
+async function runSearch(body, headers, recognizeBody) {
   if (running) running.abort();
   const mine = new AbortController();
   running = mine;
   clearError();
+  showLabel(null);
   setBusy(true);
   const started = performance.now();
   try {
@@ -69,6 +96,7 @@ async function runSearch(body, headers) {
     renderResults(data);
     const seconds = ((performance.now() - started) / 1000).toFixed(2);
     $("status").textContent = `${data.results.length} most similar images in ${seconds} s`;
+    if (recognition) await runRecognize(recognizeBody, headers, mine.signal);
     return data;
   } catch (error) {
     if (error.name !== "AbortError") {
@@ -98,16 +126,20 @@ function searchFile(file) {
   history.replaceState(null, "", location.pathname);
   const form = new FormData();
   form.append("image", file, file.name || "pasted.png");
+  const recognizeForm = new FormData();
+  recognizeForm.append("image", file, file.name || "pasted.png");
   form.append("k", String(limits.default_k));
-  return runSearch(form, {});
+  return runSearch(form, {}, recognizeForm);
 }
 
 async function searchId(id, name) {
   showQuery(`/api/images/${id}`, name || `image ${id}`);
   history.replaceState(null, "", `#id=${id}`);
-  const data = await runSearch(JSON.stringify({ id, k: limits.default_k }), {
-    "Content-Type": "application/json",
-  });
+  const data = await runSearch(
+    JSON.stringify({ id, k: limits.default_k }),
+    { "Content-Type": "application/json" },
+    JSON.stringify({ id }),
+  );
   if (data) $("query-name").textContent = data.query.name;
 }
 
