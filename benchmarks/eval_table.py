@@ -7,6 +7,7 @@ plus the 466 BACKGROUND_Google distractors (itself excluded). Extract time is pe
 scales: backbone plus that pooling, decoding excluded. Descriptors are cached, so re-running is cheap.
 
     .venv/bin/python benchmarks/eval_table.py [--models resnet50.keras-imagenet,efficientnet-lite0.imagenet]
+        [--single-scale]   # only scale 1: a third of the extraction, for the slow backbones
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 
 from lookalike.cpu import cpu_info
 from lookalike.evaluate import protocols
-from lookalike.evaluate.run import EvalResult, Variant, all_variants, evaluate
+from lookalike.evaluate.run import EvalResult, all_variants, evaluate
+from lookalike.extract import MULTI_SCALES
 from lookalike.registry import get_model_config
 from lookalike.weights import cache_path
 
@@ -53,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=DEFAULT_MODELS)
     parser.add_argument("--imsize", type=int, default=1024)
+    parser.add_argument("--single-scale", action="store_true", help="Extract and score scale 1 only.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "eval_table")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if cache_path(get_model_config(m)).exists()]
@@ -71,7 +74,10 @@ def main() -> None:
                     f"  {model} {stage}: {done}/{total} ({time.perf_counter() - started:.0f} s)", flush=True
                 )
 
-        results = evaluate(caltech, model, all_variants(), imsize=args.imsize, progress=progress)
+        multiscale = not args.single_scale
+        scales = MULTI_SCALES if multiscale else (1.0,)
+        variants = all_variants(multiscale=multiscale)
+        results = evaluate(caltech, model, variants, args.imsize, scales=scales, progress=progress)
         sections.append(
             markdown(
                 f"Caltech-101 heldout — {model} ({caltech.query_count} queries, {len(caltech.images)} images)",
@@ -82,10 +88,8 @@ def main() -> None:
         top = best(results)
         print(f"{model}: best {top.variant.label} mAP {100 * top.map:.2f}", flush=True)
         for name, evalset in small:
-            variants = [
-                Variant(p, ms, "none") for p in ("mac", "spoc", "rmac", "gem") for ms in (False, True)
-            ]
-            small_results = evaluate(evalset, model, variants, imsize=args.imsize)
+            small_variants = [v for v in variants if v.whitening == "none"]
+            small_results = evaluate(evalset, model, small_variants, args.imsize, scales=scales)
             sections.append(markdown(f"{name} sample — {model}", small_results, ns=name == "ukbench"))
             records += [r.as_dict() for r in small_results]
     header = (

@@ -113,6 +113,14 @@ def test_evaluate_on_real_samples_and_cache_reuse(monkeypatch) -> None:
     monkeypatch.setattr(extraction, "load_image", no_decoding)
     again = evaluate(evalset, "resnet50.keras-imagenet", variants, imsize=256, precision="fp32")
     assert [r.map for r in again] == [r.map for r in results]
+    monkeypatch.undo()
+
+    single = all_variants(("none",), multiscale=False)
+    assert [v.pooling for v in single] == ["mac", "spoc", "rmac", "gem"]
+    assert not any(v.multiscale for v in single)
+    alone = evaluate(evalset, "resnet50.keras-imagenet", single, 256, "fp32", scales=(1.0,))
+    by_variant = {r.variant: r.map for r in results}
+    assert [r.map for r in alone] == pytest.approx([by_variant[v] for v in single], abs=1e-6)
 
 
 @pytest.mark.weights

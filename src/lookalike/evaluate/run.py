@@ -168,10 +168,11 @@ def evaluate(
     return results
 
 
-def all_variants(whitenings: Sequence[str] = WHITENINGS) -> list[Variant]:
+def all_variants(whitenings: Sequence[str] = WHITENINGS, multiscale: bool = True) -> list[Variant]:
+    """Every pooling × single (and, with ``multiscale``, multi) scale × whitening."""
     return [
-        Variant(pooling, multiscale, whitening)
+        Variant(pooling, multi, whitening)
         for pooling in ("mac", "spoc", "rmac", "gem")
-        for multiscale in (False, True)
+        for multi in ((False, True) if multiscale else (False,))
         for whitening in whitenings
     ]
