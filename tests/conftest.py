@@ -56,7 +56,7 @@ def resnet50_extractor():
     from lookalike.extract import DescriptorSettings, Extractor
 
     require_weights("resnet50.keras-imagenet")
-    return Extractor(DescriptorSettings(imsize=256, precision="fp32"))
+    return Extractor(DescriptorSettings(pooling="gem", imsize=256, precision="fp32"))
 
 
 def unit_rows(n: int, d: int, seed: int = 0) -> np.ndarray:

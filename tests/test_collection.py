@@ -368,7 +368,7 @@ def test_settings_and_schema_version_are_recorded(indexed: Collection) -> None:
     info = indexed.info()
     assert info.schema_version == store.SCHEMA_VERSION
     assert info.settings["model"] == "resnet50.keras-imagenet"
-    assert (info.settings["imsize"], info.settings["pooling"], info.settings["dim"]) == (128, "gem", 2048)
+    assert (info.settings["imsize"], info.settings["pooling"], info.settings["dim"]) == (128, "rmac", 2048)
     assert len(info.settings["weights_sha256"]) == 64
     assert info.root == str(indexed.root)
     assert info.disk_bytes >= (indexed.path / "vectors.f32").stat().st_size == len(NAMES) * 2048 * 4

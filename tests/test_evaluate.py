@@ -36,7 +36,7 @@ def private_cache(tmp_path, monkeypatch) -> None:
 @pytest.fixture(scope="module")
 def extractor() -> Extractor:
     require_weights("resnet50.keras-imagenet")
-    return Extractor(DescriptorSettings(imsize=160, scales=MULTI_SCALES, precision="fp32"))
+    return Extractor(DescriptorSettings(pooling="gem", imsize=160, scales=MULTI_SCALES, precision="fp32"))
 
 
 def test_ukbench_protocol_groups_and_excludes_the_query() -> None:

@@ -57,6 +57,18 @@ def test_rankings_agree_ignores_ties_but_not_swaps() -> None:
     assert not rankings_agree(reference, np.array([[1.0, 0.5, 0.9, 0.4999]]))
 
 
+def test_pooling_defaults_to_the_models_own() -> None:
+    from lookalike.errors import UnknownModelError
+    from lookalike.registry import DEFAULT_MODEL, get_model_config
+
+    assert DescriptorSettings().pooling == get_model_config(DEFAULT_MODEL).pooling == "rmac"
+    assert DescriptorSettings(model="resnet101-gem.sfm120k").pooling == "gem"  # trained with GeM
+    assert DescriptorSettings(pooling="mac").pooling == "mac"
+    assert DescriptorSettings(pooling=None) == DescriptorSettings(pooling="rmac")
+    with pytest.raises(UnknownModelError):
+        DescriptorSettings(model="no-such-model")
+
+
 def test_settings_reject_nonsense() -> None:
     from lookalike.errors import ConfigError
 

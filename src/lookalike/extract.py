@@ -32,16 +32,19 @@ BBox = tuple[float, float, float, float]
 
 @dataclass(frozen=True)
 class DescriptorSettings:
-    """Everything that determines a descriptor; two equal settings give comparable vectors."""
+    """Everything that determines a descriptor; two equal settings give comparable vectors. ``pooling``
+    None is the model's own default (:attr:`ModelConfig.pooling`), resolved on construction."""
 
     model: str = DEFAULT_MODEL
-    pooling: str = "gem"
+    pooling: str = None  # type: ignore[assignment]  # always a name once constructed
     gem_p: float | None = None
     imsize: int = 1024
     scales: tuple[float, ...] = (1.0,)
     precision: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.pooling is None:
+            object.__setattr__(self, "pooling", get_model_config(self.model).pooling)
         if self.imsize < 32:
             raise ConfigError(f"imsize must be at least 32, got {self.imsize}")
         if not self.scales or any(s <= 0 for s in self.scales):

@@ -83,7 +83,9 @@ class ModelConfig:
     imsize: int = 1024
     classify_size: int = 224
     has_classifier: bool = True
-    pooling: str = "gem"
+    # The pooling a descriptor uses unless told otherwise: for ImageNet classifiers the best one measured on
+    # Caltech-101 (benchmarks/RESULTS.md), for retrieval networks the one they were trained with.
+    pooling: str = "rmac"
     gem_p: float = 3.0
     learned_whitening: bool = False
     needs_internet: bool = False
@@ -257,6 +259,7 @@ def _cirtorch(name: str, arch: str, file: str, learned_whitening: bool, descript
             description=f"{description}; {CIRTORCH_NOTE}",
             sources=(WeightSource("url", CIRTORCH + file, None),),
             has_classifier=False,
+            pooling="gem",
             learned_whitening=learned_whitening,
             needs_internet=True,
             tags=("retrieval",),

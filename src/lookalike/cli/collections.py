@@ -41,7 +41,7 @@ def requested_settings(
     defaults = DescriptorSettings()
     return DescriptorSettings(
         model=model or defaults.model,
-        pooling=pooling or defaults.pooling,
+        pooling=pooling,
         scales=parse_scales(scales) if scales else defaults.scales,
         imsize=imsize or defaults.imsize,
         precision=precision,
@@ -81,7 +81,7 @@ def index(
     model: str = typer.Option(
         None, "--model", "-m", help="Registry name (default: resnet50.keras-imagenet)."
     ),
-    pooling: str = typer.Option(None, "--pooling", help="mac, spoc, rmac or gem (default: gem)."),
+    pooling: str = typer.Option(None, "--pooling", help="mac, spoc, rmac or gem (default: the model's own, see `models list`)."),
     whiten: str = typer.Option(
         None, "--whiten", help="none, pca (fit on this collection) or learned (see `whiten fit`)."
     ),

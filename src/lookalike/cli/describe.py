@@ -31,7 +31,7 @@ def parse_scales(text: str) -> tuple[float, ...]:
 
 
 def settings_from_options(
-    model: str, pooling: str, scales: str, imsize: int, precision: str
+    model: str, pooling: str | None, scales: str, imsize: int, precision: str
 ) -> DescriptorSettings:
     return DescriptorSettings(
         model=model, pooling=pooling, scales=parse_scales(scales), imsize=imsize, precision=precision
@@ -39,7 +39,9 @@ def settings_from_options(
 
 
 MODEL = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Registry name, see `lookalike models list`.")
-POOLING = typer.Option("gem", "--pooling", help="mac, spoc, rmac or gem.")
+POOLING = typer.Option(
+    None, "--pooling", help="mac, spoc, rmac or gem (default: the model's own, see `models list`)."
+)
 SCALES = typer.Option("single", "--scales", help="single, ms (1,1/√2,1/2), seed-ms (1,√2,1/√2) or a list.")
 IMSIZE = typer.Option(1024, "--imsize", help="Long side cap in pixels; smaller images are not upscaled.")
 PRECISION = typer.Option(

@@ -13,7 +13,7 @@ from lookalike.atomic import atomic_write
 from lookalike.cli.common import console, print_json, progress_bar, reported_errors, wants_progress
 from lookalike.evaluate import protocols
 from lookalike.evaluate.run import Variant, evaluate
-from lookalike.registry import DEFAULT_MODEL
+from lookalike.registry import DEFAULT_MODEL, get_model_config
 
 
 def evaluate_command(
@@ -24,7 +24,9 @@ def evaluate_command(
         "heldout", "--split", help="caltech101: heldout (whitening on other classes) or all."
     ),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m"),
-    pooling: list[str] = typer.Option(["gem"], "--pooling", help="mac, spoc, rmac, gem; repeat for several."),
+    pooling: list[str] = typer.Option(
+        [], "--pooling", help="mac, spoc, rmac, gem; repeat for several (default: the model's own)."
+    ),
     scales: list[str] = typer.Option(
         ["single"], "--scales", help="single or ms (1, 1/√2, 1/2); repeat for both."
     ),
@@ -40,7 +42,8 @@ def evaluate_command(
         for value in scales:
             if value not in ("single", "ms"):
                 raise typer.BadParameter(f"--scales takes single or ms, got {value!r}")
-        variants = [Variant(p, s == "ms", w) for p in pooling for s in scales for w in whiten]
+        poolings = pooling or [get_model_config(model).pooling]
+        variants = [Variant(p, s == "ms", w) for p in poolings for s in scales for w in whiten]
         evalset = protocols.build(protocol, data, gnd, split)
         with progress_bar(wants_progress(quiet, as_json)) as bar:
             tasks: dict[str, TaskID] = {}

@@ -23,6 +23,7 @@ def list_command(as_json: bool = typer.Option(False, "--json", help="One JSON ob
                     "name": config.name,
                     "arch": config.arch,
                     "dim": config.feature_dim,
+                    "pooling": config.pooling,
                     "preprocess": config.preprocess.describe(),
                     "imsize": config.imsize,
                     "licence": config.licence,
@@ -36,7 +37,7 @@ def list_command(as_json: bool = typer.Option(False, "--json", help="One JSON ob
             )
         return
     table = Table(title="lookalike models")
-    for column in ("name", "arch", "dim", "preprocessing", "licence", "cached", "source"):
+    for column in ("name", "arch", "dim", "pooling", "preprocessing", "licence", "cached", "source"):
         table.add_column(column, overflow="fold")
     for config in configs:
         source = config.sources[0]
@@ -44,6 +45,7 @@ def list_command(as_json: bool = typer.Option(False, "--json", help="One JSON ob
             config.name,
             config.arch,
             str(config.feature_dim),
+            config.pooling,
             f"{config.preprocess.describe()}, {config.imsize}px",
             config.licence,
             "yes" if cache_path(config).exists() else ("internet" if config.needs_internet else "no"),
