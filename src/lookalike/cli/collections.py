@@ -81,7 +81,9 @@ def index(
     model: str = typer.Option(
         None, "--model", "-m", help="Registry name (default: resnet50.keras-imagenet)."
     ),
-    pooling: str = typer.Option(None, "--pooling", help="mac, spoc, rmac or gem (default: the model's own, see `models list`)."),
+    pooling: str = typer.Option(
+        None, "--pooling", help="mac, spoc, rmac or gem (default: the model's own, see `models list`)."
+    ),
     whiten: str = typer.Option(
         None, "--whiten", help="none, pca (fit on this collection) or learned (see `whiten fit`)."
     ),
