@@ -6,13 +6,14 @@ distractors plus 466 object queries, round-robin over the classes. References: e
 Hyper-parameters are chosen on validation folds drawn from the references only (pseudo-distractors are
 held-out reference classes); the test queries are scored once per configuration and never used to choose.
 
-Descriptors: GeM at the five scales (0.25, 0.5, 1/√2, 1, √2) of ``lookalike.recognize.DEFAULT_SCALES``, the
+Descriptors: the model's default pooling (``--pooling`` to choose) at the five scales (0.25, 0.5, 1/√2, 1, √2) of ``lookalike.recognize.DEFAULT_SCALES``, the
 long side capped at ``--imsize`` (Caltech images are ~300×200 and are not upscaled at scale 1), extracted
 in chunks through ``extract_variants`` and cached under ``$LOOKALIKE_HOME/eval-cache``. Local features
 (SIFT) are cached under ``$LOOKALIKE_HOME/local-features``.
 
     nice -n 10 .venv/bin/python benchmarks/recognition.py [--models resnet50.keras-imagenet,...]
-        [--imsize 1024] [--precision fp32] [--no-local] [--extract-only] [--out benchmarks/results/recognition]
+        [--pooling rmac] [--imsize 1024] [--precision fp32] [--no-local] [--extract-only]
+        [--out benchmarks/results/recognition]
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from lookalike.extract import DescriptorSettings, Extractor
 from lookalike.recognize.features import LocalFeatureCache
 from lookalike.recognize.multiscale import DEFAULT_SCALES
 from lookalike.recognize.protocol import SYMBOLS, LadderResult, distractor_splits, run_ladder
+from lookalike.registry import get_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "caltech101"
@@ -57,10 +59,10 @@ def log(message: str, started: float) -> None:
 
 
 def caltech_descriptors(
-    dataset: LabelledImages, model: str, imsize: int, precision: str, started: float
+    dataset: LabelledImages, model: str, pooling: str, imsize: int, precision: str, started: float
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """GeM descriptors (N, S, D) of every image at DEFAULT_SCALES, the mask of unreadable images and the
-    backbone seconds per image (all scales)."""
+    """Descriptors (N, S, D) of every image at DEFAULT_SCALES, the mask of unreadable images and the
+    backbone seconds per image (all scales). Every pooling is extracted and cached at once."""
     # The eval cache key does not record the precision: one fixed precision keeps every chunk comparable.
     extractor = Extractor(
         DescriptorSettings(model=model, scales=DEFAULT_SCALES, imsize=imsize, precision=precision)
@@ -69,7 +71,7 @@ def caltech_descriptors(
     vectors, failed, seconds = [], [], []
     for start in range(0, len(paths), CHUNK):
         chunk = extract_variants(extractor, paths[start : start + CHUNK])
-        vectors.append(chunk.vectors["gem"])
+        vectors.append(chunk.vectors[pooling])
         failed.append(chunk.failed)
         seconds.append(float(chunk.seconds_per_scale.sum()))
         log(f"{model}: descriptors {min(start + CHUNK, len(paths))}/{len(paths)}", started)
@@ -139,8 +141,10 @@ def best_by_space(result: LadderResult, variant: str, stage: str) -> list[str]:
     return [*lines, ""]
 
 
-def section(model: str, result: LadderResult, splits: dict, labels: np.ndarray, seconds: dict) -> str:
-    out = [f"## {model}", ""]
+def section(
+    model: str, pooling: str, result: LadderResult, splits: dict, labels: np.ndarray, seconds: dict
+) -> str:
+    out = [f"## {model}, {pooling}", ""]
     out.append(
         f"Descriptors: {seconds['extract']:.2f} s per image (5 scales, backbone); ladder {seconds['ladder']:.0f} s "
         f"({', '.join(f'{name} {s:.0f} s' for name, s in result.stage_seconds)}); verifier trained on "
@@ -181,9 +185,10 @@ def section(model: str, result: LadderResult, splits: dict, labels: np.ndarray, 
     return "\n".join(out)
 
 
-def row_record(model: str, row) -> dict:
+def row_record(model: str, pooling: str, row) -> dict:
     return {
         "model": model,
+        "pooling": pooling,
         "variant": row.variant,
         "stage": row.stage,
         "description": row.description,
@@ -197,6 +202,7 @@ def row_record(model: str, row) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=DEFAULT_MODELS)
+    parser.add_argument("--pooling", help="mac, spoc, rmac or gem (default: the model's own).")
     parser.add_argument("--imsize", type=int, default=1024)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--precision", default="fp32", help="fp32 (default), bf16 or auto.")
@@ -208,8 +214,9 @@ def main() -> None:
     dataset = labelled_folder(args.data, distractor="BACKGROUND_Google")
     sections, records = [], []
     for model in args.models.split(","):
+        pooling = args.pooling or get_model_config(model).pooling
         descriptors, failed, extract_seconds = caltech_descriptors(
-            dataset, model, args.imsize, args.precision, started
+            dataset, model, pooling, args.imsize, args.precision, started
         )
         log(f"{model}: {descriptors.shape}, {int(failed.sum())} unreadable", started)
         if args.extract_only:
@@ -226,8 +233,8 @@ def main() -> None:
         result = run_ladder(descriptors[kept], images, splits, local=local, progress=progress)
         seconds = {"extract": extract_seconds, "ladder": time.perf_counter() - ladder_started}
         labels = np.asarray(images.labels, dtype=object)
-        sections.append(section(model, result, splits, labels, seconds))
-        records += [row_record(model, row) for row in result.rows]
+        sections.append(section(model, pooling, result, splits, labels, seconds))
+        records += [row_record(model, pooling, row) for row in result.rows]
         for variant in splits:
             for row in result.summary(variant):
                 log(
