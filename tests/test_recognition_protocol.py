@@ -159,6 +159,10 @@ def test_ladder_selects_one_row_per_stage_by_validation(ladder) -> None:
             candidates = [r for r in ladder.rows if r.variant == variant and r.stage == row.stage]
             assert row.validation.gap == max(r.validation.gap for r in candidates)
             assert 0.0 <= row.test.gap <= 1.0 and 0.0 <= row.test.accuracy <= 1.0
+        by_stage = {r.stage: r for r in summary}
+        base = max(by_stage["aggregation"], by_stage["similarity matrix"], key=lambda r: r.validation.gap)
+        verified = by_stage["+ verifier (no local features)"]
+        assert verified.config.space.startswith(base.config.space + "|")
     grid = [r for r in ladder.rows if r.variant == TINI and r.stage == "k-NN"]
     assert len(grid) == 4 * 6
     assert len([r for r in ladder.rows if r.variant == TINI and r.stage == "aggregation: weights"]) == 31

@@ -433,7 +433,7 @@ class _Ladder:
         return train_verifiers(x, y, self.featurizer.names, len(feature_names(len(self.scales), local=False)))
 
     def verify(self, bases: dict[str, str]) -> None:
-        """Stages 8 and 9: shortlists of each variant's base space re-scored by every verifier."""
+        """The last stages: shortlists of each variant's base space re-scored by every verifier."""
         names: list[str] = []
         for base in dict.fromkeys(bases.values()):
             models = self.verifiers(base)
@@ -481,7 +481,7 @@ class _Ladder:
             "+ PCA-whitening", {v: _grid(f"{s1}+w", rules, alpha[v].config) for v in variants}
         )
         matrix = {v: [Config(f"mx:{r}{w}", "knn", t, k) for r in REDUCERS for w in ("", "+w") for t in TRANSFORMS for k in KS] for v in variants}  # fmt: skip
-        self.stage("similarity matrix", matrix)
+        matrix_best = self.stage("similarity matrix", matrix)
         self._per_scale = {}
         weights = [_bits(w) for w in binary_weight_vectors(len(self.scales))]
         sweep = {}
@@ -493,7 +493,9 @@ class _Ladder:
         final = self.stage(
             "aggregation", {v: _grid(chosen[v].config.space, rules, alpha[v].config) for v in variants}
         )
-        self.verify({v: final[v].config.space for v in variants})
+        # The verifier re-scores the shortlist of the better method so far: aggregation or the matrix.
+        bases = {v: max(final[v], matrix_best[v], key=lambda r: r.validation.gap) for v in variants}
+        self.verify({v: row.config.space for v, row in bases.items()})
         return LadderResult(tuple(self.rows), tuple(self.timings), self.verifier_pairs)
 
 
