@@ -252,7 +252,7 @@ def main() -> None:
     if args.extract_only:
         return
     header = (
-        f"# Recognition with distractors — Caltech-101\n\nCommand: `nice -n 10 .venv/bin/python "
+        f"# Recognition with distractors — Caltech-101\n\nCommand: `{Path(sys.executable).name} "
         f"{' '.join(sys.argv)}` — {datetime.now(UTC):%Y-%m-%d}, {cpu_info().describe()}, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s in all "
         f"(descriptors cached).\n\n" + PROTOCOL
