@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from lookalike.collection import Collection
+from lookalike.errors import ConfigError
 from lookalike.recognize import Prediction
-from lookalike.recognize.service import Recognizer, folder_label, read_labels
+from lookalike.recognize.service import Recognizer, folder_label, read_labels, should_whiten
 from tests.conftest import LABELLED_CLASSES, json_lines, run_cli, succeeded
 
 pytestmark = pytest.mark.weights
@@ -28,9 +29,9 @@ def test_recognize_names_the_class_and_its_neighbours(labelled: dict[str, Path])
     for name, record in zip(("cat", "coffee", "rocket"), records, strict=True):
         assert record["label"] == name
         neighbours = record["neighbours"]
-        assert len(neighbours) == 7 and record["method"] == "knn"
+        assert len(neighbours) == 13 and record["method"] == "knn"
         assert neighbours[0]["label"] == name and neighbours[0]["path"].startswith(f"{name}/")
-        assert [n["rank"] for n in neighbours] == list(range(1, 8))
+        assert [n["rank"] for n in neighbours] == list(range(1, 14))
         assert all(n["path"] != "stray.jpg" for n in neighbours)  # not labelled: never a reference
         similarities = [n["similarity"] for n in neighbours]
         assert similarities == sorted(similarities, reverse=True)
@@ -116,3 +117,20 @@ def test_labels_helpers(tmp_path: Path) -> None:
     labels.write_text("a.jpg\n")
     with pytest.raises(ValueError, match="expected 'path,label'"):
         read_labels(labels)
+
+
+def test_whitening_is_automatic_on_or_off() -> None:
+    assert not should_whiten("auto", 15, 2048) and should_whiten("auto", 2048, 2048)
+    assert should_whiten("on", 15, 2048) and not should_whiten("off", 10**6, 2048)
+    with pytest.raises(ConfigError, match="whiten"):
+        should_whiten("yes", 15, 2048)
+
+
+@pytest.mark.parametrize("method", ["knn", "1nn", "mean"])
+def test_whitened_recognizer_still_names_each_query(labelled: dict[str, Path], method: str) -> None:
+    with Collection.open(labelled["collection"], readonly=True) as collection:
+        recognizer = Recognizer(collection, method=method, k=3, whiten="on")
+        assert recognizer.whitened and recognizer.classifier.whitening is not None
+        for name in ("cat", "coffee", "rocket"):
+            prediction = recognizer.recognize(Image.open(labelled["queries"] / f"{name}.jpg"))
+            assert prediction.label == name, (method, name, prediction)

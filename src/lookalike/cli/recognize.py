@@ -28,6 +28,11 @@ TRANSFORM = typer.Option(
 ALPHA = typer.Option(
     None, "--alpha", help=f"Expansion distance of --method alpha (default: {DEFAULT_ALPHA})."
 )
+WHITEN = typer.Option(
+    "auto",
+    "--whiten",
+    help="PCA-whiten with the references: auto (when there are at least as many as dimensions), on, off.",
+)
 LABELS = typer.Option(
     None, "--labels", help="CSV of path,label (default: the first folder below the collection root)."
 )
@@ -41,13 +46,14 @@ def recognize(
     transform: str = TRANSFORM,
     alpha: float = ALPHA,
     labels: Path = LABELS,
+    whiten: str = WHITEN,
     bbox: str = typer.Option(None, "--bbox", help="Crop the query to x0,y0,x1,y1 first."),
     as_json: bool = JSON,
 ) -> None:
     """Recognise images: label, confidence and the labelled neighbours that support it (JSON lines when
     piped or with --json)."""
     with reported_errors(), Collection.open(collection_path(collection), readonly=True) as opened:
-        recognizer = RecognizerOptions(method, k, transform, alpha, labels).build(opened)
+        recognizer = RecognizerOptions(method, k, transform, alpha, labels, whiten).build(opened)
         for image in images:
             query: int | str = parse_id(image) if image.startswith("id:") else image
             show(image, method, recognizer, recognizer.recognize(query, parse_bbox(bbox)), as_json)

@@ -10,7 +10,7 @@ import typer
 
 from lookalike.cli.collections import COLLECTION, collection_path
 from lookalike.cli.common import console, errors, reported_errors
-from lookalike.cli.recognize import ALPHA, LABELS, METHOD, TRANSFORM, K
+from lookalike.cli.recognize import ALPHA, LABELS, METHOD, TRANSFORM, WHITEN, K
 from lookalike.images import DEFAULT_MAX_PIXELS
 
 
@@ -31,6 +31,7 @@ def serve(
     transform: str = TRANSFORM,
     alpha: float = ALPHA,
     labels: Path = LABELS,
+    whiten: str = WHITEN,
 ) -> None:
     """Serve a web page and a REST API: upload an image, see the 30 most similar and, when the collection has
     labelled images (one folder per class, or --labels), what it shows. Ctrl+C stops."""
@@ -43,7 +44,7 @@ def serve(
     path = collection_path(collection)
     with reported_errors():
         settings = ServeSettings(max_upload_bytes=round(max_upload_mb * MEGABYTE), max_pixels=max_pixels)
-        recognition = RecognizerOptions(method, k, transform, alpha, labels)
+        recognition = RecognizerOptions(method, k, transform, alpha, labels, whiten)
         app = create_app(path, settings, recognition)
     address = f"[{host}]" if ":" in host else host
     console.print(

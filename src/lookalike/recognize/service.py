@@ -52,10 +52,20 @@ def read_labels(path: str | Path) -> dict[str, str]:
     return labels
 
 
+# The best single-scale configuration of benchmarks/recognition.py (RESULTS.md): k-NN, x, k = 13, whitened.
 DEFAULT_METHOD = "knn"
-DEFAULT_K = 7
+DEFAULT_K = 13
 DEFAULT_TRANSFORM = "identity"
 DEFAULT_ALPHA = 0.9
+WHITEN_CHOICES = ("auto", "on", "off")
+
+
+def should_whiten(whiten: str, references: int, dim: int) -> bool:
+    """``auto`` whitens when there are at least as many references as dimensions: fewer cannot estimate a
+    D×D covariance, and the whitening would mostly amplify noise."""
+    if whiten not in WHITEN_CHOICES:
+        raise ConfigError(f"whiten must be one of {', '.join(WHITEN_CHOICES)}, got {whiten!r}")
+    return whiten == "on" or (whiten == "auto" and references >= dim)
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,7 @@ class RecognizerOptions:
     transform: str = DEFAULT_TRANSFORM
     alpha: float | None = None
     labels: str | Path | None = None
+    whiten: str = "auto"
 
     def __post_init__(self) -> None:
         if self.alpha is not None and self.method != "alpha":
@@ -82,6 +93,7 @@ class RecognizerOptions:
             transform=self.transform,
             labels=self.labels,
             alpha=(DEFAULT_ALPHA if self.alpha is None else self.alpha) if self.method == "alpha" else None,
+            whiten=self.whiten,
         )
 
 
@@ -90,7 +102,9 @@ class Recognizer:
 
     ``method``, ``k``, ``transform`` and ``alpha`` are those of
     :class:`~lookalike.recognize.knn.KnnClassifier`. ``labels`` is None (folder names), a mapping of paths
-    to labels, or a CSV file. The neighbours of a :class:`~lookalike.recognize.knn.Prediction` carry
+    to labels, or a CSV file. ``whiten`` ("auto", "on", "off") PCA-whitens references and queries with a
+    whitening fitted on the references (see :func:`should_whiten`); the neighbours' similarities are then
+    those of the whitened space. The neighbours of a :class:`~lookalike.recognize.knn.Prediction` carry
     collection image ids; :meth:`path` names their files.
     """
 
@@ -102,6 +116,7 @@ class Recognizer:
         transform: str | Transform = DEFAULT_TRANSFORM,
         labels: Mapping[str, str] | str | Path | None = None,
         alpha: float | None = None,
+        whiten: str = "auto",
     ) -> None:
         self.collection = collection
         given = read_labels(labels) if isinstance(labels, str | Path) else labels
@@ -126,13 +141,15 @@ class Recognizer:
         self.image_ids = ids[keep]
         self.labels = tuple(names)
         self.paths = {int(i): records[int(i)].path for i in self.image_ids}
-        self.classifier = KnnClassifier(method, 1 if method == "1nn" else k, transform, alpha)
+        self.whitened = should_whiten(whiten, len(keep), raw.shape[1])
+        self.classifier = KnnClassifier(method, 1 if method == "1nn" else k, transform, alpha, self.whitened)
         self.classifier.fit(collection.prepare(raw[keep]), names)
         _log.info(
-            "recognizer: %d labelled references in %d classes, %d unlabelled images ignored",
+            "recognizer: %d labelled references in %d classes, %d unlabelled images ignored, %s",
             len(keep),
             len(set(names)),
             len(ids) - len(keep),
+            "PCA-whitened" if self.whitened else "not whitened",
         )
 
     def _name(self, path: str) -> str:
@@ -159,4 +176,4 @@ class Recognizer:
         return Prediction(prediction.label, prediction.confidence, neighbours)
 
 
-__all__ = ["Recognizer", "RecognizerOptions", "folder_label", "read_labels"]
+__all__ = ["Recognizer", "RecognizerOptions", "folder_label", "read_labels", "should_whiten"]

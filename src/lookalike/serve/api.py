@@ -212,6 +212,7 @@ def _recognition(engine: Engine) -> Recognition | None:
         k=classifier.k,
         transform=recognizer.transform,
         alpha=classifier.alpha,
+        whitened=recognizer.whitened,
         references=len(recognizer.labels),
         classes=recognizer.classes,
     )

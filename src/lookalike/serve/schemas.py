@@ -60,6 +60,7 @@ class Recognition(BaseModel):
     k: int
     transform: str
     alpha: float | None
+    whitened: bool = Field(description="References and queries are PCA-whitened (fitted on the references).")
     references: int = Field(description="Labelled images that vote.")
     classes: list[str]
 
