@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lookalike.errors import ConfigError
 from lookalike.evaluate import protocols
 from lookalike.evaluate.extraction import POOLINGS, extract_variants, multiscale_power
 from lookalike.evaluate.run import Variant, all_variants, evaluate
@@ -122,6 +123,13 @@ def test_evaluate_on_real_samples_and_cache_reuse(monkeypatch) -> None:
     by_variant = {r.variant: r.map for r in results}
     assert [r.map for r in alone] == pytest.approx([by_variant[v] for v in single], abs=1e-6)
 
+    reranked = [Variant("rmac", False, "none", r) for r in ("aqe", "dba", "dba+aqe")]
+    for result in evaluate(evalset, "resnet50.keras-imagenet", reranked, 256, "fp32"):
+        assert result.variant.label.startswith("rmac/ss/none/")
+        assert result.map > 0.9  # expanding with true neighbours keeps the groups on top
+    with pytest.raises(ConfigError, match="rerank"):
+        Variant("rmac", False, "none", "diffusion")
+
 
 @pytest.mark.weights
 def test_holidays_sample_and_whitening_needs_disjoint_training_data(tmp_path) -> None:
@@ -155,3 +163,13 @@ def test_caltech_style_protocol_with_whitening_runs_end_to_end(tmp_path) -> None
     results = evaluate(evalset, "resnet50.keras-imagenet", variants, imsize=128, precision="fp32")
     assert all(0 <= r.map <= 1 for r in results)
     assert len({round(r.map, 6) for r in results}) >= 1
+
+
+def test_cache_fingerprint_names_files_by_their_resolved_path(tmp_path, monkeypatch) -> None:
+    from lookalike.evaluate.extraction import fingerprint
+
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert fingerprint([Path("a.jpg")], None) == fingerprint([photo], None)
+    assert fingerprint([Path("a.jpg")], None) != fingerprint([photo], [(0, 0, 1, 1)])

@@ -31,6 +31,11 @@ def evaluate_command(
         ["single"], "--scales", help="single or ms (1, 1/√2, 1/2); repeat for both."
     ),
     whiten: list[str] = typer.Option(["none"], "--whiten", help="none, pca or learned; repeat for several."),
+    rerank: list[str] = typer.Option(
+        ["none"],
+        "--rerank",
+        help="none, aqe, dba or dba+aqe (αQE / DBA with n = 2, α = 3); repeat for several.",
+    ),
     imsize: int = typer.Option(1024, "--imsize"),
     precision: str = typer.Option("auto", "--precision"),
     out: Path = typer.Option(None, "--out", "-o", help="Write the results as JSON."),
@@ -43,7 +48,9 @@ def evaluate_command(
             if value not in ("single", "ms"):
                 raise typer.BadParameter(f"--scales takes single or ms, got {value!r}")
         poolings = pooling or [get_model_config(model).pooling]
-        variants = [Variant(p, s == "ms", w) for p in poolings for s in scales for w in whiten]
+        variants = [
+            Variant(p, s == "ms", w, r) for p in poolings for s in scales for w in whiten for r in rerank
+        ]
         evalset = protocols.build(protocol, data, gnd, split)
         with progress_bar(wants_progress(quiet, as_json)) as bar:
             tasks: dict[str, TaskID] = {}

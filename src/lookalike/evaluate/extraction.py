@@ -70,7 +70,8 @@ def fingerprint(paths: Sequence[Path], bboxes: Sequence[BBox | None] | None) -> 
     for index, path in enumerate(paths):
         stat = path.stat()
         box = bboxes[index] if bboxes else None
-        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{box}\n".encode())
+        # resolved: the same files named relative or through a symlink are the same cache entry
+        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{box}\n".encode())
     return digest.hexdigest()
 
 

@@ -13,6 +13,7 @@ from lookalike.evaluate.extraction import PerScaleDescriptors, extract_variants,
 from lookalike.evaluate.metrics import compute_map, rank_by_similarity, revisited_protocol, ukbench_score
 from lookalike.evaluate.protocols import EvalSet
 from lookalike.extract import MULTI_SCALES, DescriptorSettings, Extractor
+from lookalike.rerank import RERANKINGS, rerank_vectors
 from lookalike.whitening import Whitening, fit_learned_whitening, fit_pca_whitening
 
 WHITENINGS = ("none", "pca", "learned")
@@ -24,15 +25,19 @@ class Variant:
     pooling: str = "gem"
     multiscale: bool = False
     whitening: str = "none"
+    rerank: str = "none"  # one of lookalike.rerank.RERANKINGS, with its default n and alpha
 
     def __post_init__(self) -> None:
         if self.whitening not in WHITENINGS:
             raise ConfigError(f"whitening must be one of {', '.join(WHITENINGS)}, got {self.whitening!r}")
+        if self.rerank not in RERANKINGS:
+            raise ConfigError(f"rerank must be one of {', '.join(RERANKINGS)}, got {self.rerank!r}")
 
     @property
     def label(self) -> str:
         scales = "ms" if self.multiscale else "ss"
-        return f"{self.pooling}/{scales}/{self.whitening}"
+        label = f"{self.pooling}/{scales}/{self.whitening}"
+        return label if self.rerank == "none" else f"{label}/{self.rerank}"
 
 
 @dataclass(frozen=True)
@@ -138,16 +143,19 @@ def evaluate(
     results = []
     for variant in variants:
         database = variant_vectors(extracted.database, variant, extractor)
+        own_rows = None  # each query's own database row, kept out of its expansion
         if extracted.queries is not None:
             queries = variant_vectors(extracted.queries, variant, extractor)
         else:
-            queries = database[evalset.query_ids]
+            own_rows = np.asarray(evalset.query_ids)
+            queries = database[own_rows]
         if extracted.train is not None and variant.whitening != "none":
             whitening = fit_variant_whitening(
                 variant_vectors(extracted.train, variant, extractor), evalset.train_labels, variant.whitening
             )
             if whitening is not None:
                 database, queries = whitening.apply(database), whitening.apply(queries)
+        queries, database = rerank_vectors(queries, database, variant.rerank, query_ids=own_rows)
         mean_map, mp, revisited, ns = score(evalset, database, queries)
         seconds = extracted.database.seconds(variant.pooling, variant.multiscale)
         results.append(
