@@ -89,6 +89,7 @@ def ran(
     cat = str(photos / "cat.jpg")
     chains: dict[str, list[tuple[str, ...]]] = {
         "search file": [("search", cat, "-c", c, "--json", "-k", "3")],
+        "search aqe": [("search", cat, "-c", c, "--json", "-k", "3", "--rerank", "aqe")],
         "search folder": [("search", str(queries), "-c", c, "--json", "-k", "2")],
         "search id": [("search", f"id:{cat_id}", "-c", c, "--json", "-k", "3")],
         "search bad id": [("search", "id:cat", "-c", c)],
@@ -164,6 +165,12 @@ def test_search_a_file_gives_ranked_json_lines(ran: Ran, photos: Path) -> None:
     assert hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
     assert {h["query"] for h in hits} == {str(photos / "cat.jpg")}
     assert all(set(h) == {"query", "rank", "id", "path", "score"} for h in hits)
+
+
+def test_search_with_query_expansion(ran: Ran) -> None:
+    plain, expanded = hits_of(ran["search file"][0]), hits_of(ran["search aqe"][0])
+    assert [h["path"] for h in expanded[:2]] == ["cat.jpg", "cat-crop-flip.jpg"]
+    assert expanded[0]["score"] < plain[0]["score"]  # the expanded query is no longer the photo itself
 
 
 def test_search_by_id_matches_search_by_file(ran: Ran, cat_id: int) -> None:

@@ -205,6 +205,24 @@ def test_search_vectors_answers_each_row(indexed: Collection) -> None:
         indexed.search(np.ones(7, np.float32))
 
 
+def test_query_expansion_equals_expanding_over_every_stored_descriptor(indexed: Collection) -> None:
+    from lookalike.rerank import alpha_query_expansion
+
+    ids, raw = indexed.raw_vectors()
+    database = indexed.prepare(raw)
+    query = indexed.extractor.describe(load_image(SAMPLE / "cat-crop-flip.jpg").rotate(8))
+    expanded = alpha_query_expansion(indexed.prepare(query[None]), database)[0]
+    expected = np.argsort(-(database @ expanded), kind="stable")[:5]
+    hits = indexed.search(query, k=5, rerank="aqe")
+    assert [h.id for h in hits] == [int(ids[i]) for i in expected]
+    assert [h.score for h in hits] == pytest.approx(list((database @ expanded)[expected]), abs=1e-5)
+    assert [h.score for h in hits] != pytest.approx([h.score for h in indexed.search(query, k=5)], abs=1e-4)
+    folder_hits = indexed.search_vectors(query[None], k=5, rerank="aqe")[0]
+    assert [h.id for h in folder_hits] == [h.id for h in hits]
+    with pytest.raises(CollectionError, match="rerank"):
+        indexed.search(query, rerank="dba")
+
+
 def test_a_bbox_crops_an_image_query(indexed: Collection) -> None:
     record = indexed.record("cat.jpg")
     width, height = record.width, record.height

@@ -139,6 +139,18 @@ def test_search_by_id_with_a_crop_describes_the_file_cropped(client: TestClient,
     assert body["results"][0]["score"] < 0.999  # a crop is not the whole image
 
 
+def test_search_with_query_expansion(client: TestClient, photos: Path, ids: dict[str, int]) -> None:
+    photo = (photos / "ukbench00000.jpg").read_bytes()
+    plain = upload(client, photo, "ukbench00000.jpg").json()
+    expanded = upload(client, photo, "ukbench00000.jpg", rerank="aqe").json()
+    assert (plain["rerank"], expanded["rerank"]) == ("none", "aqe")
+    assert len(expanded["results"]) == len(plain["results"])
+    assert expanded["results"][0]["score"] < plain["results"][0]["score"]
+    by_id = client.post("/api/search", json={"id": ids["cat.jpg"], "rerank": "aqe", "k": 3})
+    assert by_id.status_code == 200 and by_id.json()["results"][0]["name"] == "cat.jpg"
+    assert_error(upload(client, photo, rerank="dba"), 422, "invalid parameter")
+
+
 def test_k_is_between_1_and_100(client: TestClient, ids: dict[str, int], photos: Path) -> None:
     cat = ids["cat.jpg"]
     assert len(client.post("/api/search", json={"id": cat, "k": 1}).json()["results"]) == 1

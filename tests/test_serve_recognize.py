@@ -97,6 +97,7 @@ def test_info_says_how_recognition_votes(client: TestClient) -> None:
 def test_bad_requests(client: TestClient, labelled: dict[str, Path], tmp_path: Path) -> None:
     query = labelled["queries"] / "cat.jpg"
     assert recognize(client, query, k="3").status_code == 422
+    assert recognize(client, query, rerank="aqe").status_code == 422
     text = tmp_path / "notes.jpg"
     text.write_text("not an image")
     assert recognize(client, text).status_code == 415

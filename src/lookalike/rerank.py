@@ -79,10 +79,18 @@ def expand(
             rows = np.flatnonzero(exclude[start : start + _CHUNK] >= 0)
             sims[rows, exclude[start : start + _CHUNK][rows]] = -np.inf
         ids, values = _top_neighbours(sims, n)
-        weights = np.maximum(values, 0.0) ** alpha
-        weights[~np.isfinite(values)] = 0.0
-        out[start : start + _CHUNK] = block + np.einsum("qn,qnd->qd", weights, database[ids])
-    return _normalised(out)
+        out[start : start + _CHUNK] = expand_with(block, database[ids], values, alpha)
+    return out
+
+
+def expand_with(
+    vectors: np.ndarray, neighbours: np.ndarray, similarities: np.ndarray, alpha: float = DEFAULT_ALPHA
+) -> np.ndarray:
+    """``vectors`` (Q, D) plus their given ``neighbours`` (Q, n, D) weighted by ``similarities`` (Q, n)
+    to the power α, then L2 (a non-finite similarity marks a missing neighbour and weighs 0)."""
+    weights = np.maximum(np.nan_to_num(similarities, nan=0.0, neginf=0.0), 0.0) ** alpha
+    weights[~np.isfinite(similarities)] = 0.0
+    return _normalised(vectors + np.einsum("qn,qnd->qd", weights, neighbours))
 
 
 def alpha_query_expansion(
@@ -129,5 +137,6 @@ __all__ = [
     "alpha_query_expansion",
     "database_side_augmentation",
     "expand",
+    "expand_with",
     "rerank_vectors",
 ]

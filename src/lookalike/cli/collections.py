@@ -159,6 +159,9 @@ def search(
     collection: Path = COLLECTION,
     k: int = typer.Option(30, "-k", "--top", help="How many results."),
     bbox: str = typer.Option(None, "--bbox", help="Crop the query to x0,y0,x1,y1 first."),
+    rerank: str = typer.Option(
+        "none", "--rerank", help="none, or aqe: search again with the query expanded by its first neighbours."
+    ),
     as_json: bool = JSON,
 ) -> None:
     """The most similar indexed images: a table in a terminal, JSON lines when piped or with --json."""
@@ -166,11 +169,11 @@ def search(
         target = Path(query)
         if target.is_dir():
             paths = list(walk_images(target))
-            results = opened.search_files(paths, k)
+            results = opened.search_files(paths, k, rerank)
             queries = [(str(p), hits) for p, hits in zip(paths, results, strict=True)]
         else:
             key: int | str = parse_id(query) if query.startswith("id:") else query
-            queries = [(query, opened.search(key, k, parse_bbox(bbox)))]
+            queries = [(query, opened.search(key, k, parse_bbox(bbox), rerank))]
         as_lines = as_json or not console.is_terminal
         for name, hits in queries:
             if as_lines:

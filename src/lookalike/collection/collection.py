@@ -471,17 +471,22 @@ class Collection:
         """Index these files (new or changed ones)."""
         return syncing.add(self, paths, progress, commit_every)
 
-    def search(self, query: Query, k: int = 30, bbox: BBox | None = None) -> list[SearchHit]:
-        """The ``k`` most similar indexed images to an image, a file, an image id or a raw descriptor."""
-        return querying.search(self, query, k, bbox)
+    def search(
+        self, query: Query, k: int = 30, bbox: BBox | None = None, rerank: str = "none"
+    ) -> list[SearchHit]:
+        """The ``k`` most similar indexed images to an image, a file, an image id or a raw descriptor;
+        ``rerank="aqe"`` re-ranks by α-weighted query expansion (an indexed query counts itself first)."""
+        return querying.search(self, query, k, bbox, rerank)
 
-    def search_files(self, paths: Sequence[str | Path], k: int = 30) -> list[list[SearchHit]]:
+    def search_files(
+        self, paths: Sequence[str | Path], k: int = 30, rerank: str = "none"
+    ) -> list[list[SearchHit]]:
         """Hits for many query files at once (unreadable files get no hits)."""
-        return querying.search_files(self, paths, k)
+        return querying.search_files(self, paths, k, rerank)
 
-    def search_vectors(self, raw: np.ndarray, k: int = 30) -> list[list[SearchHit]]:
+    def search_vectors(self, raw: np.ndarray, k: int = 30, rerank: str = "none") -> list[list[SearchHit]]:
         """Hits for each raw descriptor row of ``raw`` (Q, D)."""
-        return querying.search_vectors(self, raw, k)
+        return querying.search_vectors(self, raw, k, rerank)
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int] | None:

@@ -12,8 +12,11 @@ from PIL import Image
 from lookalike.collection import ann
 from lookalike.errors import CollectionError
 from lookalike.images import load_image
+from lookalike.rerank import DEFAULT_N, expand_with
 
 if TYPE_CHECKING:
+    import faiss
+
     from lookalike.collection.collection import Collection, SearchHit
 
 Query = np.ndarray | Image.Image | int | str | Path
@@ -65,16 +68,27 @@ def _unchanged(collection: Collection, record) -> bool:
     return (stat.st_size, stat.st_mtime_ns) == (record.size, record.mtime_ns)
 
 
-def search_vectors(collection: Collection, raw: np.ndarray, k: int = 30) -> list[list[SearchHit]]:
-    """Top-``k`` hits for each raw descriptor row of ``raw`` (Q, D)."""
+QUERY_RERANKINGS = ("none", "aqe")
+
+
+def search_vectors(
+    collection: Collection, raw: np.ndarray, k: int = 30, rerank: str = "none"
+) -> list[list[SearchHit]]:
+    """Top-``k`` hits for each raw descriptor row of ``raw`` (Q, D); ``rerank="aqe"`` searches again
+    with each query expanded by its first neighbours (αQE, :mod:`lookalike.rerank` defaults)."""
     from lookalike.collection.collection import SearchHit
 
     if k < 1:
         raise CollectionError("k must be at least 1")
+    if rerank not in QUERY_RERANKINGS:
+        raise CollectionError(f"rerank must be one of {', '.join(QUERY_RERANKINGS)}, got {rerank!r}")
     index = collection.index()
     if index.ntotal == 0:
         return [[] for _ in range(len(np.atleast_2d(raw)))]
-    scores, ids = ann.search(index, collection.prepare(np.atleast_2d(raw)), k)
+    queries = collection.prepare(np.atleast_2d(raw))
+    if rerank == "aqe":
+        queries = _expanded(collection, index, queries)
+    scores, ids = ann.search(index, queries, k)
     records = collection.records([int(i) for i in np.unique(ids) if i >= 0])
     results = []
     for row_scores, row_ids in zip(scores, ids, strict=True):
@@ -87,15 +101,30 @@ def search_vectors(collection: Collection, raw: np.ndarray, k: int = 30) -> list
     return results
 
 
-def search(collection: Collection, query: Query, k: int = 30, bbox: BBox | None = None) -> list[SearchHit]:
-    return search_vectors(collection, query_vector(collection, query, bbox)[None], k)[0]
+def _expanded(collection: Collection, index: faiss.Index, queries: np.ndarray) -> np.ndarray:
+    """αQE: each query plus its ``DEFAULT_N`` nearest indexed descriptors weighted by similarity^α."""
+    scores, ids = ann.search(index, queries, DEFAULT_N)
+    neighbours = np.zeros((*ids.shape, queries.shape[1]), dtype=np.float32)
+    for (row, column), image_id in np.ndenumerate(ids):
+        if image_id >= 0:
+            neighbours[row, column] = collection.prepare(collection.vector(int(image_id))[None])[0]
+    return expand_with(queries, neighbours, np.where(ids >= 0, scores, -np.inf))
 
 
-def search_files(collection: Collection, paths: Sequence[str | Path], k: int = 30) -> list[list[SearchHit]]:
+def search(
+    collection: Collection, query: Query, k: int = 30, bbox: BBox | None = None, rerank: str = "none"
+) -> list[SearchHit]:
+    return search_vectors(collection, query_vector(collection, query, bbox)[None], k, rerank)[0]
+
+
+def search_files(
+    collection: Collection, paths: Sequence[str | Path], k: int = 30, rerank: str = "none"
+) -> list[list[SearchHit]]:
     results: list[list[SearchHit]] = [[] for _ in paths]
     described = [r for r in collection.extractor.describe_files(paths) if r.vector is not None]
     if described:
-        hits = search_vectors(collection, np.stack([r.vector for r in described if r.vector is not None]), k)
+        vectors = np.stack([r.vector for r in described if r.vector is not None])
+        hits = search_vectors(collection, vectors, k, rerank)
         for result, found in zip(described, hits, strict=True):
             results[result.index] = found
     return results

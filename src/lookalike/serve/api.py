@@ -53,8 +53,8 @@ def engine_of(request: Request) -> Engine:
 )
 async def search(request: Request) -> SearchResponse:
     """Send an image as multipart field `image`, or an indexed image's `id` (form or JSON). `k` (default
-    30, at most 100) results; `bbox` "x0,y0,x1,y1" crops the query first. The image's content decides its
-    format, never its name."""
+    30, at most 100) results; `bbox` "x0,y0,x1,y1" crops the query first; `rerank` "aqe" re-ranks by
+    α-weighted query expansion. The image's content decides its format, never its name."""
     started = time.perf_counter()
     engine = engine_of(request)
     asked = await read_search_request(request, engine.settings)
@@ -62,13 +62,14 @@ async def search(request: Request) -> SearchResponse:
     try:
         target = await engine.describe(image, asked.bbox) if image is not None else asked.image_id
         assert target is not None
-        hits = await engine.search(target, asked.k)
+        hits = await engine.search(target, asked.k, asked.rerank)
     except (ImageError, ConfigError) as exc:
         raise upload_error(exc) from exc
     records = await engine.records([hit.id for hit in hits])
     return SearchResponse(
         query=query,
         k=asked.k,
+        rerank=asked.rerank,
         took_ms=round((time.perf_counter() - started) * 1000, 1),
         results=[_hit(request, hit, records.get(hit.id)) for hit in hits],
     )

@@ -121,9 +121,9 @@ class Engine:
 
     # -- reading the collection (store thread) --------------------------------------------------------
 
-    async def search(self, query: np.ndarray | int, k: int) -> list[SearchHit]:
-        """Top-``k`` hits for a raw descriptor or an indexed image id."""
-        return await self._run(self._store, self.collection.search, query, k)
+    async def search(self, query: np.ndarray | int, k: int, rerank: str = "none") -> list[SearchHit]:
+        """Top-``k`` hits for a raw descriptor or an indexed image id (``rerank``: none or aqe)."""
+        return await self._run(self._store, self.collection.search, query, k, None, rerank)
 
     async def recognize(self, raw: np.ndarray) -> Prediction:
         """The label of a raw descriptor (409 when the collection has no labelled images)."""

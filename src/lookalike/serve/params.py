@@ -14,11 +14,19 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lookalike.collection.collection import BBox
+from lookalike.collection.query import QUERY_RERANKINGS
 from lookalike.serve.errors import ApiError, error_response
 from lookalike.serve.settings import MEGABYTE, ServeSettings
 
 # Room for the multipart boundaries, part headers and the small fields beside the image.
 FORM_OVERHEAD = 64 * 1024
+
+RERANK_FIELD: dict[str, Any] = {
+    "type": "string",
+    "enum": list(QUERY_RERANKINGS),
+    "default": "none",
+    "description": "aqe: search again with the query expanded by its first neighbours (αQE)",
+}
 
 SEARCH_REQUEST_BODY: dict[str, Any] = {
     "required": True,
@@ -31,6 +39,7 @@ SEARCH_REQUEST_BODY: dict[str, Any] = {
                     "id": {"type": "integer", "description": "Or: an indexed image id as the query."},
                     "k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 30},
                     "bbox": {"type": "string", "example": "10,20,300,400", "description": "x0,y0,x1,y1"},
+                    "rerank": RERANK_FIELD,
                 },
             }
         },
@@ -47,6 +56,7 @@ SEARCH_REQUEST_BODY: dict[str, Any] = {
                             {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
                         ]
                     },
+                    "rerank": RERANK_FIELD,
                 },
             }
         },
@@ -55,10 +65,10 @@ SEARCH_REQUEST_BODY: dict[str, Any] = {
 
 
 def _without_k(body: dict[str, Any]) -> dict[str, Any]:
-    """The search request body minus ``k``: the schema of POST /api/recognize."""
+    """The search request body minus ``k`` and ``rerank``: the schema of POST /api/recognize."""
     content = {}
     for media, spec in body["content"].items():
-        properties = {n: p for n, p in spec["schema"]["properties"].items() if n != "k"}
+        properties = {n: p for n, p in spec["schema"]["properties"].items() if n not in ("k", "rerank")}
         content[media] = {"schema": {**spec["schema"], "properties": properties}}
     return {**body, "content": content}
 
@@ -73,6 +83,7 @@ class SearchRequest:
     image_id: int | None
     k: int
     bbox: BBox | None
+    rerank: str = "none"
 
 
 def parse_k(value: Any, default: int, maximum: int) -> int:
@@ -125,7 +136,7 @@ async def read_search_request(
     image, name = None, "upload"
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
         async with request.form(max_files=1, max_fields=8) as form:
-            fields: dict[str, Any] = {key: form.get(key) for key in ("id", "k", "bbox")}
+            fields: dict[str, Any] = {key: form.get(key) for key in ("id", "k", "bbox", "rerank")}
             upload = form.get("image")
             if isinstance(upload, UploadFile):
                 image = await _read_upload(upload, settings.max_upload_bytes)
@@ -148,10 +159,15 @@ async def read_search_request(
     image_id = parse_id(fields.get("id"))
     if (image is None) == (image_id is None):
         raise _invalid("give exactly one query: an image file, or the id of an indexed image")
-    if not with_k and fields.get("k") not in (None, ""):
-        raise _invalid("k is not a parameter here: the server's recognition options decide the vote")
+    if not with_k and any(fields.get(key) not in (None, "") for key in ("k", "rerank")):
+        raise _invalid(
+            "k and rerank are not parameters here: the server's recognition options decide the vote"
+        )
     k = parse_k(fields.get("k"), settings.default_k, settings.max_k)
-    return SearchRequest(image, name, image_id, k, parse_bbox(fields.get("bbox")))
+    rerank = fields.get("rerank") or "none"
+    if rerank not in QUERY_RERANKINGS:
+        raise _invalid(f"rerank must be one of {', '.join(QUERY_RERANKINGS)}, got {rerank!r}")
+    return SearchRequest(image, name, image_id, k, parse_bbox(fields.get("bbox")), rerank)
 
 
 async def _read_upload(upload: UploadFile, limit: int) -> bytes:

@@ -36,6 +36,7 @@ class QueryInfo(BaseModel):
 class SearchResponse(BaseModel):
     query: QueryInfo
     k: int
+    rerank: str = Field(description="none, or aqe (α-weighted query expansion).")
     took_ms: float = Field(description="Time spent in the server: decoding, describing, searching.")
     results: list[Hit]
 
