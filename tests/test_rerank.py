@@ -9,7 +9,6 @@ from lookalike.errors import ConfigError
 from lookalike.rerank import (
     alpha_query_expansion,
     database_side_augmentation,
-    expand,
     rerank_vectors,
 )
 from tests.conftest import unit_rows
@@ -55,7 +54,7 @@ def test_hand_computed_expansion() -> None:
 def test_exclusion_of_a_query_that_is_in_the_database() -> None:
     database = unit_rows(20, 8, seed=4)
     queries = database[[3, 7]]
-    ours = expand(queries, database, 2, 3.0, exclude=np.array([3, -1]))
+    ours = alpha_query_expansion(queries, database, 2, 3.0, exclude=np.array([3, -1]))
     np.testing.assert_allclose(ours[0], naive_expand(database[3], database, 2, 3.0, skip=3), atol=1e-5)
     np.testing.assert_allclose(ours[1], naive_expand(database[7], database, 2, 3.0), atol=1e-5)
 

@@ -25,7 +25,7 @@ DEFAULT_ALPHA: Final = 3.0
 _CHUNK = 1024  # query rows per similarity block: bounds memory at _CHUNK × N floats
 
 
-def _unit_rows(x: np.ndarray, name: str) -> np.ndarray:
+def _as_matrix(x: np.ndarray, name: str) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] == 0:
         raise ConfigError(f"{name} must be an (N, D) array, got shape {x.shape}")
@@ -55,40 +55,12 @@ def _top_neighbours(sims: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(top, order, axis=1), np.take_along_axis(values, order, axis=1)
 
 
-def expand(
-    vectors: np.ndarray,
-    database: np.ndarray,
-    n: int = DEFAULT_N,
-    alpha: float = DEFAULT_ALPHA,
-    exclude: np.ndarray | None = None,
-) -> np.ndarray:
-    """Each row of ``vectors`` plus its ``n`` nearest ``database`` rows weighted by similarity^α, then L2.
-
-    ``exclude`` (one database index per row, −1 for none) keeps a row from expanding with that database
-    entry — a query that is itself in the database must not count itself among its neighbours.
-    """
-    vectors, database = _unit_rows(vectors, "vectors"), _unit_rows(database, "database")
-    _check(n, alpha, database)
-    if vectors.shape[1] != database.shape[1]:
-        raise ConfigError(f"vectors have dimension {vectors.shape[1]}, the database {database.shape[1]}")
-    out = np.empty_like(vectors)
-    for start in range(0, len(vectors), _CHUNK):
-        block = vectors[start : start + _CHUNK]
-        sims = block @ database.T
-        if exclude is not None:
-            rows = np.flatnonzero(exclude[start : start + _CHUNK] >= 0)
-            sims[rows, exclude[start : start + _CHUNK][rows]] = -np.inf
-        ids, values = _top_neighbours(sims, n)
-        out[start : start + _CHUNK] = expand_with(block, database[ids], values, alpha)
-    return out
-
-
 def expand_with(
     vectors: np.ndarray, neighbours: np.ndarray, similarities: np.ndarray, alpha: float = DEFAULT_ALPHA
 ) -> np.ndarray:
     """``vectors`` (Q, D) plus their given ``neighbours`` (Q, n, D) weighted by ``similarities`` (Q, n)
     to the power α, then L2 (a non-finite similarity marks a missing neighbour and weighs 0)."""
-    weights = np.maximum(np.nan_to_num(similarities, nan=0.0, neginf=0.0), 0.0) ** alpha
+    weights = np.maximum(similarities, 0.0) ** alpha
     weights[~np.isfinite(similarities)] = 0.0
     return _normalised(vectors + np.einsum("qn,qnd->qd", weights, neighbours))
 
@@ -100,15 +72,32 @@ def alpha_query_expansion(
     alpha: float = DEFAULT_ALPHA,
     exclude: np.ndarray | None = None,
 ) -> np.ndarray:
-    """αQE: the queries ``(Q, D)`` expanded with their ``n`` nearest database vectors."""
-    return expand(queries, database, n, alpha, exclude)
+    """αQE: each query ``(Q, D)`` plus its ``n`` nearest ``database`` rows weighted by similarity^α, then L2.
+
+    ``exclude`` (one database index per query, −1 for none) keeps a query from expanding with that
+    database entry — a query that is itself in the database must not count itself among its neighbours.
+    """
+    queries, database = _as_matrix(queries, "queries"), _as_matrix(database, "database")
+    _check(n, alpha, database)
+    if queries.shape[1] != database.shape[1]:
+        raise ConfigError(f"queries have dimension {queries.shape[1]}, the database {database.shape[1]}")
+    out = np.empty_like(queries)
+    for start in range(0, len(queries), _CHUNK):
+        block = queries[start : start + _CHUNK]
+        sims = block @ database.T
+        if exclude is not None:
+            rows = np.flatnonzero(exclude[start : start + _CHUNK] >= 0)
+            sims[rows, exclude[start : start + _CHUNK][rows]] = -np.inf
+        ids, values = _top_neighbours(sims, n)
+        out[start : start + _CHUNK] = expand_with(block, database[ids], values, alpha)
+    return out
 
 
 def database_side_augmentation(
     database: np.ndarray, n: int = DEFAULT_N, alpha: float = DEFAULT_ALPHA
 ) -> np.ndarray:
     """DBA: every database vector expanded with its ``n`` nearest *other* database vectors."""
-    return expand(database, database, n, alpha, exclude=np.arange(len(database)))
+    return alpha_query_expansion(database, database, n, alpha, exclude=np.arange(len(database)))
 
 
 def rerank_vectors(
@@ -136,7 +125,6 @@ __all__ = [
     "RERANKINGS",
     "alpha_query_expansion",
     "database_side_augmentation",
-    "expand",
     "expand_with",
     "rerank_vectors",
 ]

@@ -56,10 +56,10 @@ def recognize(
         recognizer = RecognizerOptions(method, k, transform, alpha, labels, whiten).build(opened)
         for image in images:
             query: int | str = parse_id(image) if image.startswith("id:") else image
-            show(image, method, recognizer, recognizer.recognize(query, parse_bbox(bbox)), as_json)
+            show(image, recognizer, recognizer.recognize(query, parse_bbox(bbox)), as_json)
 
 
-def show(image: str, method: str, recognizer: Recognizer, prediction: Prediction, as_json: bool) -> None:
+def show(image: str, recognizer: Recognizer, prediction: Prediction, as_json: bool) -> None:
     neighbours = [
         {
             "rank": rank,
@@ -76,13 +76,14 @@ def show(image: str, method: str, recognizer: Recognizer, prediction: Prediction
                 "query": image,
                 "label": prediction.label,
                 "confidence": round(prediction.confidence, 6),
-                "method": method,
+                "method": recognizer.method,
                 "neighbours": neighbours,
             }
         )
         return
     console.print(
-        f"[bold]{prediction.label}[/] (confidence {prediction.confidence:.4f}, {method})", highlight=False
+        f"[bold]{prediction.label}[/] (confidence {prediction.confidence:.4f}, {recognizer.method})",
+        highlight=False,
     )
     table = Table(title=f"{image} — supporting neighbours")
     for column in ("rank", "similarity", "label", "path"):

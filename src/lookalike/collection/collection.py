@@ -357,10 +357,18 @@ class Collection:
         return pairs[:, 0], self.vectors.read(pairs[:, 1])
 
     def vector(self, image_id: int) -> np.ndarray:
-        record = self.records([image_id]).get(image_id)
-        if record is None or record.row is None:
-            raise CollectionError(f"image {image_id} is not indexed in {self.path}")
-        return self.vectors.read(np.array([record.row]))[0]
+        return self.vectors_of([image_id])[0]
+
+    def vectors_of(self, image_ids: Sequence[int]) -> np.ndarray:
+        """Raw descriptors ``(len(image_ids), D)`` of indexed images, in the order given."""
+        records = self.records(list(image_ids))
+        rows = []
+        for image_id in image_ids:
+            record = records.get(image_id)
+            if record is None or record.row is None:
+                raise CollectionError(f"image {image_id} is not indexed in {self.path}")
+            rows.append(record.row)
+        return self.vectors.read(np.array(rows, dtype=np.int64))
 
     @property
     def whitening(self) -> Whitening | None:

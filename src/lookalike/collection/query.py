@@ -104,11 +104,10 @@ def search_vectors(
 def _expanded(collection: Collection, index: faiss.Index, queries: np.ndarray) -> np.ndarray:
     """αQE: each query plus its ``DEFAULT_N`` nearest indexed descriptors weighted by similarity^α."""
     scores, ids = ann.search(index, queries, DEFAULT_N)
+    found = ids >= 0
     neighbours = np.zeros((*ids.shape, queries.shape[1]), dtype=np.float32)
-    for (row, column), image_id in np.ndenumerate(ids):
-        if image_id >= 0:
-            neighbours[row, column] = collection.prepare(collection.vector(int(image_id))[None])[0]
-    return expand_with(queries, neighbours, np.where(ids >= 0, scores, -np.inf))
+    neighbours[found] = collection.prepare(collection.vectors_of([int(i) for i in ids[found]]))
+    return expand_with(queries, neighbours, np.where(found, scores, -np.inf))
 
 
 def search(

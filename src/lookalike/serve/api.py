@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from PIL import Image
@@ -58,10 +59,8 @@ async def search(request: Request) -> SearchResponse:
     started = time.perf_counter()
     engine = engine_of(request)
     asked = await read_search_request(request, engine.settings)
-    query, image = await _query(engine, asked)
+    query, target = await _query(engine, asked)
     try:
-        target = await engine.describe(image, asked.bbox) if image is not None else asked.image_id
-        assert target is not None
         hits = await engine.search(target, asked.k, asked.rerank)
     except (ImageError, ConfigError) as exc:
         raise upload_error(exc) from exc
@@ -89,10 +88,8 @@ async def recognize(request: Request) -> RecognizeResponse:
     started = time.perf_counter()
     engine = engine_of(request)
     asked = await read_search_request(request, engine.settings, with_k=False)
-    query, image = await _query(engine, asked)
+    query, target = await _query(engine, asked)
     try:
-        target = await engine.describe(image, asked.bbox) if image is not None else asked.image_id
-        assert target is not None
         prediction = await engine.recognize(target)
     except (ImageError, ConfigError) as exc:
         raise upload_error(exc) from exc
@@ -177,23 +174,37 @@ async def health(request: Request) -> HealthResponse:
     return HealthResponse(status="ok", indexed=await engine_of(request).indexed())
 
 
-async def _query(engine: Engine, asked: SearchRequest) -> tuple[QueryInfo, Image.Image | None]:
-    """What the query is, and its pixels when they must be described (an upload, or a crop of an indexed
-    image); an indexed image searched whole uses its stored descriptor."""
+async def _query(engine: Engine, asked: SearchRequest) -> tuple[QueryInfo, np.ndarray | int]:
+    """What the query is, and what to search with: the descriptor of an upload or of a crop of an indexed
+    image, described now; the id of an indexed image searched whole (its stored descriptor is used)."""
     bbox = list(asked.bbox) if asked.bbox else None
+    kind = "upload" if asked.image_id is None else "id"
     if asked.image_id is not None:
         record = await engine.record(asked.image_id)
-        image = await _indexed_image(engine, record) if asked.bbox is not None else None
-        name, width, height = Path(record.path).name, record.width, record.height
+        info = QueryInfo(
+            kind=kind,
+            id=record.id,
+            name=Path(record.path).name,
+            width=record.width,
+            height=record.height,
+            bbox=bbox,
+        )
+        if asked.bbox is None:
+            return info, record.id
+        image = await _indexed_image(engine, record)
     else:
         assert asked.image is not None
         try:
             image = await engine.decode(asked.image, asked.name)
         except ImageError as exc:
             raise upload_error(exc) from exc
-        name, width, height = asked.name, image.width, image.height
-    kind = "upload" if asked.image_id is None else "id"
-    return QueryInfo(kind=kind, id=asked.image_id, name=name, width=width, height=height, bbox=bbox), image
+        info = QueryInfo(
+            kind=kind, id=None, name=asked.name, width=image.width, height=image.height, bbox=bbox
+        )
+    try:
+        return info, await engine.describe(image, asked.bbox)
+    except (ImageError, ConfigError) as exc:
+        raise upload_error(exc) from exc
 
 
 async def _indexed_image(engine: Engine, record: ImageRecord) -> Image.Image:

@@ -64,7 +64,7 @@ SEARCH_REQUEST_BODY: dict[str, Any] = {
 }
 
 
-def _without_k(body: dict[str, Any]) -> dict[str, Any]:
+def _without_search_options(body: dict[str, Any]) -> dict[str, Any]:
     """The search request body minus ``k`` and ``rerank``: the schema of POST /api/recognize."""
     content = {}
     for media, spec in body["content"].items():
@@ -73,7 +73,7 @@ def _without_k(body: dict[str, Any]) -> dict[str, Any]:
     return {**body, "content": content}
 
 
-RECOGNIZE_REQUEST_BODY = _without_k(SEARCH_REQUEST_BODY)
+RECOGNIZE_REQUEST_BODY = _without_search_options(SEARCH_REQUEST_BODY)
 
 
 @dataclass(frozen=True)
