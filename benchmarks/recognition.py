@@ -8,11 +8,11 @@ held-out reference classes); the test queries are scored once per configuration 
 
 Descriptors: the model's default pooling (``--pooling`` to choose) at the five scales (0.25, 0.5, 1/√2, 1, √2) of ``lookalike.recognize.DEFAULT_SCALES``, the
 long side capped at ``--imsize`` (Caltech images are ~300×200 and are not upscaled at scale 1), extracted
-in chunks through ``extract_variants`` and cached under ``$LOOKALIKE_HOME/eval-cache``. Local features
+in chunks by ``lookalike.evaluate.recognition`` (which runs the whole protocol) and cached under ``$LOOKALIKE_HOME/eval-cache``. Local features
 (SIFT) are cached under ``$LOOKALIKE_HOME/local-features``.
 
     nice -n 10 .venv/bin/python benchmarks/recognition.py [--models resnet50.keras-imagenet,...]
-        [--pooling rmac] [--imsize 1024] [--precision fp32] [--no-local] [--extract-only]
+        [--pooling rmac] [--imsize 1024] [--precision fp32] [--no-local] [--extract-only] [--seed 0]
         [--out benchmarks/results/recognition]
 """
 
@@ -20,22 +20,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
-from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lookalike.cpu import cpu_info
-from lookalike.evaluate.datasets import LabelledImages, labelled_folder
-from lookalike.evaluate.extraction import extract_variants
+from lookalike.evaluate.datasets import labelled_folder
+from lookalike.evaluate.protocols import CALTECH_DISTRACTOR
+from lookalike.evaluate.recognition import (
+    RecognitionProtocol,
+    RecognitionReport,
+    evaluate_recognition,
+    multiscale_descriptors,
+    row_record,
+)
 from lookalike.extract import DescriptorSettings, Extractor
-from lookalike.recognize.features import LocalFeatureCache
 from lookalike.recognize.multiscale import DEFAULT_SCALES
-from lookalike.recognize.protocol import SYMBOLS, LadderResult, distractor_splits, run_ladder
+from lookalike.recognize.protocol import SYMBOLS, LadderResult
 from lookalike.registry import get_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,37 +51,17 @@ PROTOCOL = """Queries: every BACKGROUND_Google image (distractors) plus object i
 queries ranked by confidence (distractors are never correct); accuracy over the object queries. Every
 hyper-parameter (k, transform, α, rule, reducer, whitening, scale weights, verifier model and re-scoring)
 is chosen by the mean GAP over 3 validation folds drawn from the references only (20 held-out reference
-classes play the distractors); **val GAP** is that mean, **GAP** and accuracy are on the test queries, which
+classes play the distractors; every PCA-whitening is fitted on the references of the split or fold at hand,
+never on its queries); **val GAP** is that mean, **GAP** and accuracy are on the test queries, which
 choose nothing. "best GAP in grid" is the best test GAP among the stage's configurations (with their
 number) — not selectable, shown to judge the selection. Each stage builds on the choices before it; the
 verifier is trained on 2 further folds (300 object + 300 pseudo-distractor queries each) drawn from the
-references minus every validation query, and re-scores the shortlist of the better (by validation) of the
-similarity-matrix and aggregation stages."""
-CHUNK = 256  # each chunk is cached on its own: an interrupted extraction resumes at the last chunk
+references minus every validation query, and re-scores the shortlists of both the similarity-matrix and
+the aggregation stage; validation picks which (with the model, rule, transform and k)."""
 
 
 def log(message: str, started: float) -> None:
     print(f"[{time.perf_counter() - started:6.0f} s] {message}", flush=True)
-
-
-def caltech_descriptors(
-    dataset: LabelledImages, model: str, pooling: str, imsize: int, precision: str, started: float
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Descriptors (N, S, D) of every image at DEFAULT_SCALES, the mask of unreadable images and the
-    backbone seconds per image (all scales). Every pooling is extracted and cached at once."""
-    # The eval cache key does not record the precision: one fixed precision keeps every chunk comparable.
-    extractor = Extractor(
-        DescriptorSettings(model=model, scales=DEFAULT_SCALES, imsize=imsize, precision=precision)
-    )
-    paths = list(dataset.paths)
-    vectors, failed, seconds = [], [], []
-    for start in range(0, len(paths), CHUNK):
-        chunk = extract_variants(extractor, paths[start : start + CHUNK])
-        vectors.append(chunk.vectors[pooling])
-        failed.append(chunk.failed)
-        seconds.append(float(chunk.seconds_per_scale.sum()))
-        log(f"{model}: descriptors {min(start + CHUNK, len(paths))}/{len(paths)}", started)
-    return np.concatenate(vectors), np.concatenate(failed), float(np.mean(seconds))
 
 
 def percent(new: float, old: float) -> str:
@@ -142,22 +127,19 @@ def best_by_space(result: LadderResult, variant: str, stage: str) -> list[str]:
     return [*lines, ""]
 
 
-def section(
-    model: str, pooling: str, result: LadderResult, splits: dict, labels: np.ndarray, seconds: dict
-) -> str:
-    out = [f"## {model}, {pooling}", ""]
+def section(report: RecognitionReport) -> str:
+    result = report.ladder
+    out = [f"## {report.model}, {report.pooling}", ""]
     out.append(
-        f"Descriptors: {seconds['extract']:.2f} s per image (5 scales, backbone); ladder {seconds['ladder']:.0f} s "
-        f"({', '.join(f'{name} {s:.0f} s' for name, s in result.stage_seconds)}); verifier trained on "
-        f"{result.verifier_pairs} pairs."
+        f"Descriptors: {report.extract_seconds_per_image:.2f} s per image (5 scales, backbone); ladder "
+        f"{report.ladder_seconds:.0f} s ({', '.join(f'{name} {s:.0f} s' for name, s in result.stage_seconds)}); "
+        f"verifier trained on {result.verifier_pairs} pairs."
     )
     out.append("")
-    for variant, split in splits.items():
-        known = set(labels[split.references])
-        objects = sum(label in known for label in labels[split.queries])
+    for variant, size in report.splits.items():
         out += [
-            f"### {variant} distractors — {len(split.queries) - objects} distractor + {objects} object queries, "
-            f"{len(split.references)} references",
+            f"### {variant} distractors — {size.distractors} distractor + {size.objects} object queries, "
+            f"{size.references} references",
             "",
             *ladder_table(result, variant),
             "",
@@ -175,7 +157,7 @@ def section(
         out.append(
             f"Full method vs 1-NN: {first:.3f} → {final:.3f} ({percent(final, first)}; the thesis: 0.65 → 0.84, "
             f"{percent(0.84, 0.65)}): **{'PASS' if final >= target * first else 'MISS'}**. The verifier over "
-            f"its base ({base.stage}, the better of the two by validation): {unverified:.3f} → {final:.3f} "
+            f"its base ({base.stage}, chosen by validation): {unverified:.3f} → {final:.3f} "
             f"({percent(final, unverified)})."
         )
         out.append("")
@@ -193,20 +175,6 @@ def section(
     return "\n".join(out)
 
 
-def row_record(model: str, pooling: str, row) -> dict:
-    return {
-        "model": model,
-        "pooling": pooling,
-        "variant": row.variant,
-        "stage": row.stage,
-        "description": row.description,
-        "config": asdict(row.config),
-        "validation": asdict(row.validation),
-        "test": asdict(row.test),
-        "selected": row.selected,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=DEFAULT_MODELS)
@@ -217,34 +185,36 @@ def main() -> None:
     parser.add_argument("--no-local", action="store_true", help="Skip SIFT (verifier without inliers).")
     parser.add_argument("--extract-only", action="store_true", help="Only fill the descriptor cache.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "recognition")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the test split and the folds.")
     args = parser.parse_args()
     started = time.perf_counter()
-    dataset = labelled_folder(args.data, distractor="BACKGROUND_Google")
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("lookalike.recognize.protocol").setLevel(logging.INFO)
     sections, records = [], []
     for model in args.models.split(","):
         pooling = args.pooling or get_model_config(model).pooling
-        descriptors, failed, extract_seconds = caltech_descriptors(
-            dataset, model, pooling, args.imsize, args.precision, started
-        )
-        log(f"{model}: {descriptors.shape}, {int(failed.sum())} unreadable", started)
+
+        def progress(stage: str, done: int, total: int, model: str = model) -> None:
+            log(f"{model}: {stage} {done}/{total}", started)
+
         if args.extract_only:
+            dataset = labelled_folder(args.data, distractor=CALTECH_DISTRACTOR)
+            settings = DescriptorSettings(
+                model, scales=DEFAULT_SCALES, imsize=args.imsize, precision=args.precision
+            )
+            multiscale_descriptors(Extractor(settings), dataset.paths, pooling, progress)
             continue
-        kept = np.flatnonzero(~failed)
-        images = dataset.subset(kept)
-        splits = distractor_splits(images)
-        local = None if args.no_local else LocalFeatureCache()
-        ladder_started = time.perf_counter()
-
-        def progress(message: str, model: str = model) -> None:
-            log(f"{model}: {message}", started)
-
-        result = run_ladder(descriptors[kept], images, splits, local=local, progress=progress)
-        seconds = {"extract": extract_seconds, "ladder": time.perf_counter() - ladder_started}
-        labels = np.asarray(images.labels, dtype=object)
-        sections.append(section(model, pooling, result, splits, labels, seconds))
-        records += [row_record(model, pooling, row) for row in result.rows]
-        for variant in splits:
-            for row in result.summary(variant):
+        protocol = RecognitionProtocol(local=not args.no_local, seed=args.seed)
+        report = evaluate_recognition(
+            args.data, model, pooling, args.imsize, args.precision, protocol, progress
+        )
+        sections.append(section(report))
+        records += [
+            {"model": model, "pooling": pooling, "variant": r.variant, **row_record(r)}
+            for r in report.ladder.rows
+        ]
+        for variant in report.splits:
+            for row in report.summary(variant):
                 log(
                     f"{model} {variant} {row.stage}: GAP {row.test.gap:.3f} acc {row.test.accuracy:.3f}",
                     started,

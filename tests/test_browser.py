@@ -229,7 +229,7 @@ def test_a_labelled_collection_also_says_what_the_image_shows(
             label = page.locator("#label")
             label.wait_for()
             assert label.locator("strong").inner_text() == "coffee"
-            assert "confidence" in label.inner_text() and "of 13 neighbours" in label.inner_text()
+            assert "confidence" in label.inner_text() and "of 7 neighbours" in label.inner_text()
             assert result_names(page)[0] in {"whole.jpg", "flip.jpg", "crop.jpg"}
             page.locator("#results .tile button").nth(0).click()
             page.get_by_role("button", name="Search with this image").click()

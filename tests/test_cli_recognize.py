@@ -29,9 +29,9 @@ def test_recognize_names_the_class_and_its_neighbours(labelled: dict[str, Path])
     for name, record in zip(("cat", "coffee", "rocket"), records, strict=True):
         assert record["label"] == name
         neighbours = record["neighbours"]
-        assert len(neighbours) == 13 and record["method"] == "knn"
+        assert len(neighbours) == 7 and record["method"] == "knn"
         assert neighbours[0]["label"] == name and neighbours[0]["path"].startswith(f"{name}/")
-        assert [n["rank"] for n in neighbours] == list(range(1, 14))
+        assert [n["rank"] for n in neighbours] == list(range(1, 8))
         assert all(n["path"] != "stray.jpg" for n in neighbours)  # not labelled: never a reference
         similarities = [n["similarity"] for n in neighbours]
         assert similarities == sorted(similarities, reverse=True)

@@ -160,9 +160,12 @@ def test_ladder_selects_one_row_per_stage_by_validation(ladder) -> None:
             assert row.validation.gap == max(r.validation.gap for r in candidates)
             assert 0.0 <= row.test.gap <= 1.0 and 0.0 <= row.test.accuracy <= 1.0
         by_stage = {r.stage: r for r in summary}
-        base = max(by_stage["aggregation"], by_stage["similarity matrix"], key=lambda r: r.validation.gap)
-        verified = by_stage["+ verifier (no local features)"]
-        assert verified.config.space.startswith(base.config.space + "|")
+        bases = {by_stage["aggregation"].config.space, by_stage["similarity matrix"].config.space}
+        verified = [
+            r for r in ladder.rows if r.variant == variant and r.stage == "+ verifier (no local features)"
+        ]
+        assert {r.config.space.split("|")[0] for r in verified} == bases  # both shortlists re-scored
+        assert by_stage["+ verifier (no local features)"].config.space.split("|")[0] in bases
     grid = [r for r in ladder.rows if r.variant == TINI and r.stage == "k-NN"]
     assert len(grid) == 4 * 6
     assert len([r for r in ladder.rows if r.variant == TINI and r.stage == "aggregation: weights"]) == 31
@@ -185,6 +188,33 @@ def test_ladder_never_looks_at_the_test_queries(data, ladder) -> None:
         picked = [(r.stage, r.config, r.validation) for r in ladder.summary(variant)]
         assert [(r.stage, r.config, r.validation) for r in other.summary(variant)] == picked
     assert [r.test for r in other.rows] != [r.test for r in ladder.rows]
+
+
+def test_whitening_is_fitted_on_the_references_of_each_split(data, monkeypatch) -> None:
+    """Every PCA-whitening sees exactly one split's references: never its queries, real or pseudo."""
+    import lookalike.recognize.protocol as protocol
+
+    x, dataset = data
+    splits = distractor_splits(dataset, object_queries=7)
+    fitted: list[np.ndarray] = []
+    fit = protocol.fit_pca_whitening
+
+    def recording(rows: np.ndarray, *args, **kwargs):
+        fitted.append(rows.copy())
+        return fit(rows, *args, **kwargs)
+
+    monkeypatch.setattr(protocol, "fit_pca_whitening", recording)
+    ladder = protocol._Ladder(x, dataset, splits, SCALES, None, 2, 3, 15, 0, None)
+    everything = [*ladder.train, *(f for fs in ladder.folds.values() for f in fs), *splits.values()]
+    for split in everything:
+        fitted.clear()
+        ladder.release()
+        ladder.vectors("agg:00010+w", split)
+        ladder.per_scale(True, split)
+        assert len(fitted) == 1 + len(SCALES)
+        expected = [x[split.references, 3], *(x[split.references, i] for i in range(len(SCALES)))]
+        for rows, want in zip(fitted, expected, strict=True):
+            np.testing.assert_allclose(rows, want, atol=1e-6)
 
 
 def test_space_names() -> None:

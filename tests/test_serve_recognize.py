@@ -49,8 +49,8 @@ def test_an_upload_is_recognised_with_its_neighbours(
     assert body["method"] == "knn"
     assert body["query"]["kind"] == "upload" and body["query"]["name"] == f"{name}.jpg"
     neighbours = body["neighbours"]
-    assert len(neighbours) == 13
-    assert [n["rank"] for n in neighbours] == list(range(1, 14))
+    assert len(neighbours) == 7
+    assert [n["rank"] for n in neighbours] == list(range(1, 8))
     assert neighbours[0]["label"] == name and neighbours[0]["path"].startswith(f"{name}/")
     assert all(n["path"].split("/")[0] == n["label"] for n in neighbours)
     assert "stray.jpg" not in {n["name"] for n in neighbours}
@@ -81,7 +81,7 @@ def test_info_says_how_recognition_votes(client: TestClient) -> None:
     recognition = client.get("/api/info").json()["recognition"]
     assert recognition == {
         "method": "knn",
-        "k": 13,
+        "k": 7,
         "transform": "identity",
         "alpha": None,
         "whitened": False,  # auto: 15 references cannot estimate a 2048-d covariance

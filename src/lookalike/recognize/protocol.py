@@ -16,11 +16,14 @@ Validation folds (:func:`validation_folds`) are built the same way inside a *poo
 seeded set of ``heldout`` reference classes plays the distractors (their images are pseudo-distractor
 queries, drawn round-robin, and none of them is a reference), the other classes give the object queries
 and the references. The pool is the images that are references in *both* test splits, so one set of
-folds (and one PCA-whitening per descriptor space, fitted on the pool) serves both variants, and no test
-query ever enters a fold, a whitening or the verifier's training. The validation object queries of a fold
-are among the pool on which whitenings are fitted: PCA is unsupervised, so this only makes validation
-see its own queries' directions, never their labels. The verifier is trained on further folds drawn from
-the pool minus every validation query.
+folds serves both variants, and no test query ever enters a fold or the verifier's training. The verifier
+is trained on further folds drawn from the pool minus every validation query.
+
+PCA-whitening is fitted on the references of the split at hand: the test references for the test split,
+the fold's own references for a validation or training fold. A fold thus sees its queries — object and
+pseudo-distractor alike — as the test sees its queries: from outside the data the whitening was fitted on.
+(Fitting on the whole pool made held-out classes part of the whitening, so pseudo-distractors looked
+unlike real ones, and a verifier tuned on them misjudged the real clutter.)
 
 The ladder (:func:`run_ladder`), each stage choosing on the validation folds and building on the choices
 before it; every configuration is also scored on the test split, for the record only:
@@ -35,8 +38,8 @@ before it; every configuration is also scored on the test split, for the record 
 7. ``aggregation`` — the 2^S − 1 binary scale weights with the best rule of 4–5 (whitened if 5 won), then
    the rule, transform and k again for the chosen weights;
 8. ``+ verifier (no local features)`` and 9. ``+ verifier`` — the pair model of
-   :mod:`~lookalike.recognize.verify` re-scores the top :data:`VERIFIED` of 7's space, then a k-NN vote;
-   model (logistic / MLP), re-scoring rule, transform and k chosen on validation.
+   :mod:`~lookalike.recognize.verify` re-scores the top :data:`VERIFIED` of 6's or 7's space, then a k-NN
+   vote; base space, model (logistic / MLP), re-scoring rule, transform and k chosen on validation.
 """
 
 from __future__ import annotations
@@ -92,7 +95,7 @@ from lookalike.recognize.verify import (
     rerank,
     train_verifiers,
 )
-from lookalike.whitening import Whitening, fit_pca_whitening
+from lookalike.whitening import fit_pca_whitening
 
 _log = logging.getLogger(__name__)
 
@@ -276,7 +279,6 @@ class _Ladder:
             "verifier training",
         )  # fmt: skip
         self.featurizer = PairFeaturizer(self.x, dataset.paths if local is not None else None, local)
-        self.whitenings: dict[str, Whitening] = {}
         self.shortlists: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         self.features: dict[tuple[str, str], np.ndarray] = {}
         self.rows: list[LadderRow] = []
@@ -285,7 +287,6 @@ class _Ladder:
         self._current: tuple[str, np.ndarray] | None = None
         self._vectors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._alpha: dict[str, AlphaVoter] = {}
-        self._per_scale: dict[bool, np.ndarray] = {}
 
     def say(self, message: str) -> None:
         _log.info(message)
@@ -294,20 +295,20 @@ class _Ladder:
 
     # -- spaces and shortlists ------------------------------------------------------------------------
 
-    def whitening(self, bits: str, arr: np.ndarray) -> Whitening:
-        if bits not in self.whitenings:
-            self.whitenings[bits] = fit_pca_whitening(arr[self.pool])
-        return self.whitenings[bits]
+    @staticmethod
+    def whitened(arr: np.ndarray, split: RecognitionSplit) -> tuple[np.ndarray, np.ndarray]:
+        """Queries and references of ``split`` from ``arr`` ``(N, D)``, PCA-whitened by a whitening fitted
+        on the split's references."""
+        whitening = fit_pca_whitening(arr[split.references])
+        return whitening.apply(arr[split.queries]), whitening.apply(arr[split.references])
 
     def array(self, space: str) -> np.ndarray:
-        """``(N, D)`` descriptors of an ``agg:`` space (the last one is kept)."""
+        """``(N, D)`` descriptors of an ``agg:`` space before any whitening (the last one is kept)."""
         if self._current is not None and self._current[0] == space:
             return self._current[1]
         self.release()
         bits = space.removeprefix("agg:").removesuffix("+w")
         arr = aggregate(self.x, np.array([b == "1" for b in bits], dtype=np.float64))
-        if space.endswith("+w"):
-            arr = self.whitening(bits, arr).apply(arr)
         self._current = (space, arr)
         return arr
 
@@ -317,7 +318,11 @@ class _Ladder:
     def vectors(self, space: str, split: RecognitionSplit) -> tuple[np.ndarray, np.ndarray]:
         if split.name not in self._vectors:
             arr = self.array(space)
-            self._vectors[split.name] = (arr[split.queries], arr[split.references])
+            self._vectors[split.name] = (
+                self.whitened(arr, split)
+                if space.endswith("+w")
+                else (arr[split.queries], arr[split.references])
+            )
         return self._vectors[split.name]
 
     def shortlist(self, space: str, split: RecognitionSplit) -> tuple[np.ndarray, np.ndarray]:
@@ -330,33 +335,26 @@ class _Ladder:
                 self.shortlists[key] = exact_search(*self.vectors(space, split), VERIFIED)
         return self.shortlists[key]
 
-    def per_scale(self, whiten: bool) -> np.ndarray:
-        if whiten not in self._per_scale:
-            eye = np.eye(len(self.scales))
-            self._per_scale[whiten] = (
-                np.stack(
-                    [self.whitening(_bits(e), self.x[:, i]).apply(self.x[:, i]) for i, e in enumerate(eye)], 1
-                )
-                if whiten
-                else self.x
-            )
-        return self._per_scale[whiten]
+    def per_scale(self, whiten: bool, split: RecognitionSplit) -> tuple[np.ndarray, np.ndarray]:
+        """Queries and references ``(n, S, D)`` of ``split``, each scale whitened on its own if asked."""
+        if not whiten:
+            return self.x[split.queries], self.x[split.references]
+        pairs = [self.whitened(self.x[:, i], split) for i in range(len(self.scales))]
+        return np.stack([q for q, _ in pairs], 1), np.stack([r for _, r in pairs], 1)
 
     def matrix_shortlists(self, whiten: bool, split: RecognitionSplit) -> None:
         """Shortlists of every reducer: top :data:`SHORTLIST` by the summed scales, re-ranked by the reduced
         similarity matrices (as :class:`~lookalike.recognize.multiscale.MultiScaleKnn`)."""
-        x3 = self.per_scale(whiten)
-        summed = aggregate(x3[split.queries], np.ones(len(self.scales)))
-        _, short = exact_search(summed, aggregate(x3[split.references], np.ones(len(self.scales))), SHORTLIST)
-        out = {
-            r: (np.empty((len(short), VERIFIED)), np.empty((len(short), VERIFIED), np.int64))
-            for r in REDUCERS
-        }
+        xq, xb = self.per_scale(whiten, split)
+        ones = np.ones(len(self.scales))
+        _, short = exact_search(aggregate(xq, ones), aggregate(xb, ones), SHORTLIST)
+        kept = min(VERIFIED, short.shape[1])  # a small split has fewer references than VERIFIED
+        out = {r: (np.empty((len(short), kept)), np.empty((len(short), kept), np.int64)) for r in REDUCERS}
         for q, row in enumerate(short):
-            matrices = similarity_matrices(x3[split.queries[q]], x3[split.references[row]])
+            matrices = similarity_matrices(xq[q], xb[row])
             for name, reducer in REDUCERS.items():
                 reduced = reducer(matrices)
-                best = np.argsort(-reduced, kind="stable")[:VERIFIED]
+                best = np.argsort(-reduced, kind="stable")[:kept]
                 out[name][0][q], out[name][1][q] = reduced[best], row[best]
         for name, result in out.items():
             self.shortlists[(f"mx:{name}{'+w' if whiten else ''}", split.name)] = result
@@ -432,13 +430,13 @@ class _Ladder:
         self.say(f"training verifiers on {len(y)} pairs ({100 * y.mean():.1f}% same class)")
         return train_verifiers(x, y, self.featurizer.names, len(feature_names(len(self.scales), local=False)))
 
-    def verify(self, bases: dict[str, str]) -> None:
-        """The last stages: shortlists of each variant's base space re-scored by every verifier."""
+    def verify(self, bases: dict[str, list[str]]) -> None:
+        """The last stages: shortlists of each variant's base spaces re-scored by every verifier."""
         names: list[str] = []
-        for base in dict.fromkeys(bases.values()):
+        for base in dict.fromkeys(b for spaces in bases.values() for b in spaces):
             models = self.verifiers(base)
             names = list(models)
-            splits = [s for v, b in bases.items() if b == base for s in (*self.folds[v], self.splits[v])]
+            splits = [s for v, b in bases.items() if base in b for s in (*self.folds[v], self.splits[v])]
             for split in splits:
                 sims, ids = self.shortlist(base, split)
                 features = self.pair_features(base, split)
@@ -454,8 +452,8 @@ class _Ladder:
                 self.stage(
                     stage,
                     {
-                        v: [Config(f"{b}|{m}|{r}", "knn", t, k) for m in chosen for r in RULES for t in TRANSFORMS for k in KS]
-                        for v, b in bases.items()
+                        v: [Config(f"{b}|{m}|{r}", "knn", t, k) for b in spaces for m in chosen for r in RULES for t in TRANSFORMS for k in KS]
+                        for v, spaces in bases.items()
                     },
                 )  # fmt: skip
 
@@ -482,7 +480,6 @@ class _Ladder:
         )
         matrix = {v: [Config(f"mx:{r}{w}", "knn", t, k) for r in REDUCERS for w in ("", "+w") for t in TRANSFORMS for k in KS] for v in variants}  # fmt: skip
         matrix_best = self.stage("similarity matrix", matrix)
-        self._per_scale = {}
         weights = [_bits(w) for w in binary_weight_vectors(len(self.scales))]
         sweep = {}
         for v in variants:
@@ -493,9 +490,10 @@ class _Ladder:
         final = self.stage(
             "aggregation", {v: _grid(chosen[v].config.space, rules, alpha[v].config) for v in variants}
         )
-        # The verifier re-scores the shortlist of the better method so far: aggregation or the matrix.
-        bases = {v: max(final[v], matrix_best[v], key=lambda r: r.validation.gap) for v in variants}
-        self.verify({v: row.config.space for v, row in bases.items()})
+        # The verifier re-scores the shortlists of both multi-scale methods; validation picks one of them.
+        self.verify(
+            {v: list(dict.fromkeys([matrix_best[v].config.space, final[v].config.space])) for v in variants}
+        )
         return LadderResult(tuple(self.rows), tuple(self.timings), self.verifier_pairs)
 
 

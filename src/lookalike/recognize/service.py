@@ -52,9 +52,9 @@ def read_labels(path: str | Path) -> dict[str, str]:
     return labels
 
 
-# The best single-scale configuration of benchmarks/recognition.py (RESULTS.md): k-NN, x, k = 13, whitened.
+# The best single-scale configuration of benchmarks/recognition.py (RESULTS.md): k-NN, x, k = 7, whitened.
 DEFAULT_METHOD = "knn"
-DEFAULT_K = 13
+DEFAULT_K = 7
 DEFAULT_TRANSFORM = "identity"
 DEFAULT_ALPHA = 0.9
 WHITEN_CHOICES = ("auto", "on", "off")
