@@ -36,7 +36,7 @@ class DescriptorSettings:
     None is the model's own default (:attr:`ModelConfig.pooling`), resolved on construction."""
 
     model: str = DEFAULT_MODEL
-    pooling: str = None  # type: ignore[assignment]  # always a name once constructed
+    pooling: str | None = None  # None: the model's default, resolved on construction
     gem_p: float | None = None
     imsize: int = 1024
     scales: tuple[float, ...] = (1.0,)
@@ -101,12 +101,13 @@ class Extractor:
         keep_heap()
         self.config: ModelConfig = get_model_config(self.settings.model)
         self.max_pixels = max_pixels
-        reference = build_descriptor_net(self.config, self.settings.pooling, self.settings.gem_p)
+        pooling = self.settings.pooling or self.config.pooling  # resolved by DescriptorSettings already
+        reference = build_descriptor_net(self.config, pooling, self.settings.gem_p)
         self.precision: Precision = resolve_precision(reference, self.config, self.settings.precision)
         self.net = InferenceNet(reference, self.precision)
         self.reference_net = reference
         p = gem_power(reference.pool) or 1.0
-        self.scale_power = scale_combination_power(self.settings.pooling, p, reference.whiten is not None)
+        self.scale_power = scale_combination_power(pooling, p, reference.whiten is not None)
 
     @property
     def dim(self) -> int:

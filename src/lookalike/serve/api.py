@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 import numpy as np
@@ -178,7 +178,7 @@ async def _query(engine: Engine, asked: SearchRequest) -> tuple[QueryInfo, np.nd
     """What the query is, and what to search with: the descriptor of an upload or of a crop of an indexed
     image, described now; the id of an indexed image searched whole (its stored descriptor is used)."""
     bbox = list(asked.bbox) if asked.bbox else None
-    kind = "upload" if asked.image_id is None else "id"
+    kind: Literal["upload", "id"] = "upload" if asked.image_id is None else "id"
     if asked.image_id is not None:
         record = await engine.record(asked.image_id)
         info = QueryInfo(

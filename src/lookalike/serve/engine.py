@@ -125,8 +125,8 @@ class Engine:
         """Top-``k`` hits for a raw descriptor or an indexed image id (``rerank``: none or aqe)."""
         return await self._run(self._store, self.collection.search, query, k, None, rerank)
 
-    async def recognize(self, raw: np.ndarray) -> Prediction:
-        """The label of a raw descriptor (409 when the collection has no labelled images)."""
+    async def recognize(self, query: np.ndarray | int) -> Prediction:
+        """The label of a raw descriptor or an indexed image id (409 when nothing is labelled)."""
         recognizer = self.recognizer
         if recognizer is None:
             raise ApiError(
@@ -135,7 +135,7 @@ class Engine:
                 "recognition needs labelled images: index them in one folder per class below the "
                 "collection root, or start the server with --labels CSV",
             )
-        return await self._run(self._store, recognizer.recognize, raw)
+        return await self._run(self._store, recognizer.recognize, query)
 
     async def records(self, ids: list[int]) -> dict[int, ImageRecord]:
         return await self._run(self._store, self.collection.records, ids)
