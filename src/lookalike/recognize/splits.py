@@ -88,7 +88,7 @@ def distractor_splits(
 
 
 def shared_references(splits: dict[str, RecognitionSplit]) -> np.ndarray:
-    """The images that are references in every split: the pool for validation and whitening."""
+    """The images that are references in every split: the pool the validation folds are drawn from."""
     pools = [s.references for s in splits.values()]
     pool = pools[0]
     for other in pools[1:]:
