@@ -49,10 +49,11 @@ DEFAULT_MODELS = "resnet50.keras-imagenet,efficientnet-lite0.imagenet"
 PROTOCOL = """Queries: every BACKGROUND_Google image (distractors) plus object images (73 from 73 classes for 86.5 %,
 466 round-robin over the classes for 50 %); references: all other object images. GAP = micro-AP over all
 queries ranked by confidence (distractors are never correct); accuracy over the object queries. Every
-hyper-parameter (k, transform, α, rule, reducer, whitening, scale weights, verifier model and re-scoring)
+hyper-parameter (k, transform, α, rule, reducer, scale weights, verifier base, model and re-scoring)
 is chosen by the mean GAP over 3 validation folds drawn from the references only (20 held-out reference
 classes play the distractors; every PCA-whitening is fitted on the references of the split or fold at hand,
-never on its queries); **val GAP** is that mean, **GAP** and accuracy are on the test queries, which
+never on its queries, and from the similarity matrix on every descriptor is whitened, since validation's
+pseudo-distractors cannot show what whitening does to clutter); **val GAP** is that mean, **GAP** and accuracy are on the test queries, which
 choose nothing. "best GAP in grid" is the best test GAP among the stage's configurations (with their
 number) — not selectable, shown to judge the selection. Each stage builds on the choices before it; the
 verifier is trained on 2 further folds (300 object + 300 pseudo-distractor queries each) drawn from the
