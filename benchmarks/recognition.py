@@ -49,7 +49,7 @@ DEFAULT_MODELS = "resnet50.keras-imagenet,efficientnet-lite0.imagenet"
 PROTOCOL = """Queries: every BACKGROUND_Google image (distractors) plus object images (73 from 73 classes for 86.5 %,
 466 round-robin over the classes for 50 %); references: all other object images. GAP = micro-AP over all
 queries ranked by confidence (distractors are never correct); accuracy over the object queries. Every
-hyper-parameter (k, transform, α, rule, reducer, scale weights, verifier base, model and re-scoring)
+hyper-parameter (k, transform, α, rule, reducer, scale weights, verifier model and re-scoring)
 is chosen by the mean GAP over 3 validation folds drawn from the references only (20 held-out reference
 classes play the distractors; every PCA-whitening is fitted on the references of the split or fold at hand,
 never on its queries, and from the similarity matrix on every descriptor is whitened, since validation's
@@ -57,8 +57,8 @@ pseudo-distractors cannot show what whitening does to clutter); **val GAP** is t
 choose nothing. "best GAP in grid" is the best test GAP among the stage's configurations (with their
 number) — not selectable, shown to judge the selection. Each stage builds on the choices before it; the
 verifier is trained on 2 further folds (300 object + 300 pseudo-distractor queries each) drawn from the
-references minus every validation query, and re-scores the shortlists of both the similarity-matrix and
-the aggregation stage; validation picks which (with the model, rule, transform and k)."""
+references minus every validation query, and re-scores the shortlist of the better (by validation) of the
+similarity-matrix and aggregation stages."""
 
 
 def log(message: str, started: float) -> None:

@@ -42,8 +42,9 @@ before it; every configuration is also scored on the test split, for the record 
 7. ``aggregation`` — the 2^S − 1 binary scale weights, whitened, with the best rule of 4–5, then the rule,
    transform and k again for the chosen weights;
 8. ``+ verifier (no local features)`` and 9. ``+ verifier`` — the pair model of
-   :mod:`~lookalike.recognize.verify` re-scores the top :data:`VERIFIED` of 6's or 7's space, then a k-NN
-   vote; base space, model (logistic / MLP), re-scoring rule, transform and k chosen on validation.
+   :mod:`~lookalike.recognize.verify` re-scores the top :data:`VERIFIED` of the better of 6 and 7 (by
+   validation), then a k-NN vote; model (logistic / MLP), re-scoring rule, transform and k chosen on
+   validation.
 """
 
 from __future__ import annotations
@@ -493,10 +494,9 @@ class _Ladder:
         final = self.stage(
             "aggregation", {v: _grid(chosen[v].config.space, rules, alpha[v].config) for v in variants}
         )
-        # The verifier re-scores the shortlists of both multi-scale methods; validation picks one of them.
-        self.verify(
-            {v: list(dict.fromkeys([matrix_best[v].config.space, final[v].config.space])) for v in variants}
-        )
+        # The verifier re-scores the shortlist of the better method so far: aggregation or the matrix.
+        bases = {v: max(final[v], matrix_best[v], key=lambda r: r.validation.gap) for v in variants}
+        self.verify({v: [row.config.space] for v, row in bases.items()})
         return LadderResult(tuple(self.rows), tuple(self.timings), self.verifier_pairs)
 
 
