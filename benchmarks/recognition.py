@@ -29,17 +29,14 @@ from pathlib import Path
 import torch
 
 from lookalike.cpu import cpu_info
-from lookalike.evaluate.datasets import labelled_folder
 from lookalike.evaluate.protocols import CALTECH_DISTRACTOR
 from lookalike.evaluate.recognition import (
     RecognitionProtocol,
     RecognitionReport,
+    describe_folder,
     evaluate_recognition,
-    multiscale_descriptors,
     row_record,
 )
-from lookalike.extract import DescriptorSettings, Extractor
-from lookalike.recognize.multiscale import DEFAULT_SCALES
 from lookalike.recognize.protocol import SYMBOLS, LadderResult
 from lookalike.registry import get_model_config
 
@@ -199,11 +196,9 @@ def main() -> None:
             log(f"{model}: {stage} {done}/{total}", started)
 
         if args.extract_only:
-            dataset = labelled_folder(args.data, distractor=CALTECH_DISTRACTOR)
-            settings = DescriptorSettings(
-                model, scales=DEFAULT_SCALES, imsize=args.imsize, precision=args.precision
+            describe_folder(
+                args.data, CALTECH_DISTRACTOR, model, pooling, args.imsize, args.precision, progress
             )
-            multiscale_descriptors(Extractor(settings), dataset.paths, pooling, progress)
             continue
         protocol = RecognitionProtocol(local=not args.no_local, seed=args.seed)
         report = evaluate_recognition(

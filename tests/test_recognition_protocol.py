@@ -10,12 +10,12 @@ import pytest
 
 from lookalike.errors import ConfigError
 from lookalike.evaluate.datasets import LabelledImages
+from lookalike.recognize.alpha_voter import AlphaVoter
 from lookalike.recognize.knn import Neighbour, Prediction, alpha_mean_knn_classify, exact_search
 from lookalike.recognize.protocol import (
     BALANCED,
     STAGES,
     TINI,
-    AlphaVoter,
     RecognitionSplit,
     describe_space,
     distractor_splits,

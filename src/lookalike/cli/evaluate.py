@@ -73,7 +73,7 @@ def evaluate_command(
             if len(pooling) > 1 or gnd is not None or {*scales, *whiten, *rerank} != {"single", "none"}:
                 raise typer.BadParameter(
                     "the recognition protocol takes one --pooling and no --gnd, --scales, --whiten or "
-                    "--rerank (it describes 5 scales and chooses its whitening on validation)"
+                    "--rerank (it describes 5 scales and chooses its own whitening)"
                 )
             settings = RecognitionProtocol(
                 distractor, object_queries, folds, heldout, train_queries, local=not no_local

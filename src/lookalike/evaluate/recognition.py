@@ -18,8 +18,13 @@ from lookalike.evaluate.protocols import CALTECH_DISTRACTOR
 from lookalike.extract import DescriptorSettings, Extractor
 from lookalike.recognize.features import LocalFeatureCache
 from lookalike.recognize.multiscale import DEFAULT_SCALES
-from lookalike.recognize.protocol import STAGES, LadderResult, LadderRow, run_ladder
-from lookalike.recognize.splits import TINI_OBJECT_QUERIES, distractor_splits
+from lookalike.recognize.protocol import LadderResult, LadderRow, run_ladder
+from lookalike.recognize.splits import (
+    TINI_OBJECT_QUERIES,
+    RecognitionSplit,
+    distractor_splits,
+    object_query_count,
+)
 from lookalike.registry import get_model_config
 
 RECOGNITION = "recognition"  # the protocol's name for `lookalike evaluate`
@@ -136,12 +141,27 @@ def multiscale_descriptors(
     return np.concatenate(vectors), np.concatenate(failed), float(np.mean(seconds))
 
 
-def split_sizes(dataset: LabelledImages, splits: dict) -> dict[str, SplitSize]:
-    labels = np.asarray(dataset.labels, dtype=object)
+def describe_folder(
+    data: str | Path,
+    distractor: str,
+    model: str,
+    pooling: str,
+    imsize: int,
+    precision: str,
+    progress: Progress | None = None,
+) -> tuple[LabelledImages, np.ndarray, np.ndarray, float]:
+    """The labelled folder ``data`` and :func:`multiscale_descriptors` of all its images at
+    :data:`~lookalike.recognize.multiscale.DEFAULT_SCALES`: what the protocol extracts (and caches)."""
+    dataset = labelled_folder(data, distractor=distractor)
+    settings = DescriptorSettings(model=model, scales=DEFAULT_SCALES, imsize=imsize, precision=precision)
+    x, failed, seconds = multiscale_descriptors(Extractor(settings), dataset.paths, pooling, progress)
+    return dataset, x, failed, seconds
+
+
+def split_sizes(dataset: LabelledImages, splits: dict[str, RecognitionSplit]) -> dict[str, SplitSize]:
     out = {}
     for name, split in splits.items():
-        known = set(labels[split.references])
-        objects = sum(label in known for label in labels[split.queries])
+        objects = object_query_count(dataset.labels, split)
         out[name] = SplitSize(len(split.queries) - objects, objects, len(split.references))
     return out
 
@@ -164,21 +184,12 @@ def evaluate_recognition(
     """
     protocol = protocol or RecognitionProtocol()
     pooling = pooling or get_model_config(model).pooling
-    dataset = labelled_folder(data, distractor=protocol.distractor)
-    settings = DescriptorSettings(model=model, scales=DEFAULT_SCALES, imsize=imsize, precision=precision)
-    x, failed, seconds = multiscale_descriptors(Extractor(settings), dataset.paths, pooling, progress)
+    dataset, x, failed, seconds = describe_folder(
+        data, protocol.distractor, model, pooling, imsize, precision, progress
+    )
     kept = np.flatnonzero(~failed)
     images = dataset.subset(kept)
     splits = distractor_splits(images, protocol.object_queries, protocol.seed)
-    done: list[str] = []
-    stages = len(STAGES) - (0 if protocol.local else 1)
-
-    def ladder_progress(message: str) -> None:
-        stage = max((s for s in STAGES if message.startswith(f"{s}: ")), key=len, default=None)
-        if stage is not None and stage not in done and progress is not None:
-            done.append(stage)
-            progress("ladder", len(done), stages)
-
     started = time.perf_counter()
     result = run_ladder(
         x[kept],
@@ -189,7 +200,7 @@ def evaluate_recognition(
         heldout=protocol.heldout,
         train_queries=protocol.train_queries,
         seed=protocol.seed,
-        progress=ladder_progress,
+        progress=progress,
     )
     return RecognitionReport(
         data=str(Path(data)),
@@ -212,6 +223,7 @@ __all__ = [
     "RecognitionProtocol",
     "RecognitionReport",
     "SplitSize",
+    "describe_folder",
     "evaluate_recognition",
     "multiscale_descriptors",
     "row_record",

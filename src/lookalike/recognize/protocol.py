@@ -59,16 +59,13 @@ import numpy as np
 
 from lookalike.errors import ConfigError
 from lookalike.evaluate.datasets import LabelledImages
+from lookalike.recognize.alpha_voter import AlphaVoter
 from lookalike.recognize.features import LocalFeatureCache
 from lookalike.recognize.knn import (
-    TIE_TOLERANCE,
     TRANSFORMS,
-    Neighbour,
     Prediction,
     as_unit_rows,
-    class_index,
     exact_search,
-    get_transform,
     knn_classify,
     mean_knn_classify,
     nn_classify,
@@ -88,6 +85,7 @@ from lookalike.recognize.splits import (
     RecognitionSplit,
     Score,
     distractor_splits,
+    object_query_count,
     score,
     shared_references,
     validation_folds,
@@ -197,47 +195,6 @@ def describe(config: Config, scales: Sequence[float]) -> str:
     return f"{rule} — {describe_space(config.space, scales)}"
 
 
-class AlphaVoter:
-    """α-expanded mean k-NN computed through per-class Gram matrices: the rule of
-    :func:`~lookalike.recognize.knn.alpha_mean_knn_classify`, with ``q · μ_c = Σ_{i∈M} s_i / ‖Σ_{i∈M} x_i‖``
-    and ``‖Σ_{i∈M} x_i‖² = Σ_{i,j∈M} G_ij``, so a grid of α and k costs no further products."""
-
-    def __init__(self, xq: np.ndarray, xb: np.ndarray, labels: np.ndarray) -> None:
-        self.labels = np.asarray(labels, dtype=object)
-        self.sims = (xq @ xb.T).astype(np.float64)
-        self.classes = class_index(self.labels)
-        self.position = np.empty(len(self.labels), dtype=np.int64)
-        self.gram = {}
-        for c, ids in self.classes.items():
-            self.position[ids] = np.arange(len(ids))
-            self.gram[c] = (xb[ids] @ xb[ids].T).astype(np.float64)
-
-    def classify(self, ids: np.ndarray, alpha: float, transform: str) -> list[Prediction]:
-        """Predictions for neighbour ids ``(Q, k)`` (reference positions) with expansion ``alpha``."""
-        f = get_transform(transform)
-        out = []
-        for q, row in enumerate(np.asarray(ids, dtype=np.int64)):
-            sims = self.sims[q, row]
-            order = np.argsort(-sims, kind="stable")
-            groups: dict[str, list[int]] = {}
-            for j in order:
-                groups.setdefault(self.labels[row[j]], []).append(int(row[j]))
-            scores = {}
-            for c, neighbours in groups.items():
-                gram, at = self.gram[c], self.position[neighbours]
-                mask = (np.maximum(2.0 - 2.0 * gram[at], 0.0) <= alpha * alpha).any(axis=0)
-                mask[at] = True
-                m = mask.astype(np.float64)
-                norm = float(np.sqrt(max(m @ gram @ m, 0.0)))
-                value = float(self.sims[q, self.classes[c]] @ m) / norm if norm > 1e-12 else 0.0
-                scores[c] = float(f(np.array(value)))
-            best = max(scores.values())
-            label = next(c for c, s in scores.items() if s >= best - TIE_TOLERANCE * max(1.0, abs(best)))
-            found = tuple(Neighbour(int(row[j]), self.labels[row[j]], float(sims[j])) for j in order)
-            out.append(Prediction(label, scores[label], found))
-        return out
-
-
 def _grid(space: str, rules: Sequence[str], alpha: Config | None = None) -> list[Config]:
     """``rules`` × transforms × k on one space; the α rule takes α and transform from ``alpha``."""
     configs = [Config(space, "1nn")] if "1nn" in rules else []
@@ -260,7 +217,7 @@ class _Ladder:
         heldout: int,
         train_queries: int,
         seed: int,
-        progress: Callable[[str], None] | None,
+        progress: Callable[[str, int, int], None] | None,
     ) -> None:
         self.x = as_unit_rows(x, "descriptors", ndim=3)
         self.labels = np.asarray(dataset.labels, dtype=object)
@@ -269,11 +226,11 @@ class _Ladder:
                 f"{len(self.labels)} images and {len(scales)} scales (with 1) for {self.x.shape}"
             )
         self.scales, self.splits, self.progress = tuple(scales), splits, progress
+        self.stages = len(STAGES) - (0 if local is not None else 1)
         self.pool = shared_references(splits)
         self.folds = {}
         for name, split in splits.items():
-            known = set(self.labels[split.references])
-            objects = sum(label in known for label in self.labels[split.queries])
+            objects = object_query_count(self.labels, split)
             self.folds[name] = validation_folds(
                 self.labels, self.pool, objects, len(split.queries) - objects, folds, heldout, seed + 1,
                 f"validation {name}",
@@ -292,11 +249,6 @@ class _Ladder:
         self._current: tuple[str, np.ndarray] | None = None
         self._vectors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._alpha: dict[str, AlphaVoter] = {}
-
-    def say(self, message: str) -> None:
-        _log.info(message)
-        if self.progress is not None:
-            self.progress(message)
 
     # -- spaces and shortlists ------------------------------------------------------------------------
 
@@ -406,7 +358,9 @@ class _Ladder:
         seconds = time.perf_counter() - started
         self.timings.append((stage, seconds))
         picks = "; ".join(f"{v}: {r.description} (val {r.validation.gap:.3f})" for v, r in selected.items())
-        self.say(f"{stage}: {sum(map(len, rows.values()))} configurations in {seconds:.0f} s — {picks}")
+        _log.info("%s: %d configurations in %.0f s — %s", stage, sum(map(len, rows.values())), seconds, picks)
+        if self.progress is not None:
+            self.progress("ladder", len(self.timings), self.stages)
         return selected
 
     # -- the verifier ---------------------------------------------------------------------------------
@@ -418,9 +372,8 @@ class _Ladder:
             refs = split.references[ids]
             started = time.perf_counter()
             self.features[key] = self.featurizer(split.queries, refs, sims, self.labels[refs])
-            self.say(
-                f"pair features of {split.name} ({ids.size} pairs) in {time.perf_counter() - started:.0f} s"
-            )
+            seconds = time.perf_counter() - started
+            _log.info("pair features of %s (%d pairs) in %.0f s", split.name, ids.size, seconds)
         return self.features[key]
 
     def verifiers(self, base: str) -> dict[str, PairVerifier]:
@@ -432,7 +385,7 @@ class _Ladder:
             targets.append((self.labels[split.queries][:, None] == self.labels[refs]).ravel())
         x, y = np.concatenate(features), np.concatenate(targets)
         self.verifier_pairs += len(y)
-        self.say(f"training verifiers on {len(y)} pairs ({100 * y.mean():.1f}% same class)")
+        _log.info("training verifiers on %d pairs (%.1f%% same class)", len(y), 100 * y.mean())
         return train_verifiers(x, y, self.featurizer.names, len(feature_names(len(self.scales), local=False)))
 
     def verify(self, bases: dict[str, list[str]]) -> None:
@@ -511,7 +464,7 @@ def run_ladder(
     heldout: int = 20,
     train_queries: int = 300,
     seed: int = 0,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> LadderResult:
     """Run the whole ladder on per-image descriptors ``(N, S, D)`` of ``dataset`` (one row per image, at
     ``scales``) over ``splits`` (default :func:`distractor_splits`).
@@ -520,7 +473,8 @@ def run_ladder(
     verifier's features; without it only the ``+ verifier (no local features)`` stage runs. ``folds``
     validation folds per variant and 2 verifier-training folds of ``train_queries`` object and as many
     pseudo-distractor queries are drawn from the shared references with ``heldout`` held-out classes.
-    ``progress`` receives one line per stage.
+    ``progress`` receives ``("ladder", stages done, stages)`` after each stage; what each stage chose is
+    logged (``logging``, INFO).
     """
     splits = distractor_splits(dataset, seed=seed) if splits is None else splits
     ladder = _Ladder(
@@ -539,7 +493,6 @@ __all__ = [
     "TINI_OBJECT_QUERIES",
     "VARIANTS",
     "VERIFIED",
-    "AlphaVoter",
     "Config",
     "LadderResult",
     "LadderRow",

@@ -87,6 +87,13 @@ def distractor_splits(
     return splits
 
 
+def object_query_count(labels: Sequence[str] | np.ndarray, split: RecognitionSplit) -> int:
+    """How many of ``split``'s queries show a class that has references (the rest are distractors)."""
+    labels = np.asarray(labels, dtype=object)
+    known = set(labels[split.references])
+    return sum(label in known for label in labels[split.queries])
+
+
 def shared_references(splits: dict[str, RecognitionSplit]) -> np.ndarray:
     """The images that are references in every split: the pool the validation folds are drawn from."""
     pools = [s.references for s in splits.values()]
