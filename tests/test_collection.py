@@ -75,10 +75,15 @@ def work(monkeypatch: pytest.MonkeyPatch) -> Work:
 
     seen = Work()
     decode, hash_file, forward = load_image, sync_module.sha256_file, Extractor.describe_tensors
+    decode_bytes = extract_module.load_image_bytes
 
     def spy_decode(path: Path, *args: object, **kwargs: object) -> object:
         seen.decoded.append(Path(path))
         return decode(path, *args, **kwargs)
+
+    def spy_decode_bytes(data: bytes, name: str, *args: object, **kwargs: object) -> object:
+        seen.decoded.append(Path(name))
+        return decode_bytes(data, name, *args, **kwargs)
 
     def spy_hash(path: Path) -> str:
         seen.hashed.append(Path(path))
@@ -88,7 +93,7 @@ def work(monkeypatch: pytest.MonkeyPatch) -> Work:
         seen.forward += 1
         return forward(self, batch)
 
-    monkeypatch.setattr(extract_module, "load_image", spy_decode)
+    monkeypatch.setattr(extract_module, "load_image_bytes", spy_decode_bytes)
     monkeypatch.setattr("lookalike.collection.query.load_image", spy_decode)
     monkeypatch.setattr(sync_module, "sha256_file", spy_hash)
     monkeypatch.setattr(Extractor, "describe_tensors", spy_forward)
@@ -188,13 +193,15 @@ def test_k_larger_than_the_collection_gives_every_image_once(indexed: Collection
         indexed.search("rocket.jpg", k=0)
 
 
-def test_search_files_finds_each_file_and_skips_unreadable_ones(indexed: Collection, tmp_path: Path) -> None:
+def test_search_files_finds_each_file_and_reports_unreadable_ones(indexed: Collection, tmp_path: Path) -> None:
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really")
     paths = [indexed.root / "hubble.jpg", broken, indexed.root / "cells.jpg"]
     results = indexed.search_files(paths, k=2)
-    assert [r[0].path if r else None for r in results] == ["hubble.jpg", None, "cells.jpg"]
-    assert results[0][0].score == pytest.approx(1.0, abs=1e-5)
+    assert [r.hits[0].path if r.hits else None for r in results] == ["hubble.jpg", None, "cells.jpg"]
+    assert [r.path for r in results] == paths
+    assert results[0].hits[0].score == pytest.approx(1.0, abs=1e-5)
+    assert results[0].error is None and "header" in (results[1].error or "")
 
 
 def test_search_vectors_answers_each_row(indexed: Collection) -> None:

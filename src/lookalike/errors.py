@@ -65,6 +65,10 @@ class CollectionError(LookalikeError):
     """A collection is missing, damaged, locked by another writer, or used with other settings."""
 
 
+class DamagedCollectionError(CollectionError):
+    """A collection file is damaged on disk; ``lookalike check --repair`` says what can be rebuilt."""
+
+
 class SettingsMismatchError(CollectionError):
     """Descriptors of different settings would be mixed in one collection."""
 

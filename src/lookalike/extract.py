@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections import defaultdict
@@ -16,7 +17,14 @@ from PIL import Image
 
 from lookalike.cpu import keep_heap
 from lookalike.errors import ConfigError, ImageError
-from lookalike.images import DEFAULT_MAX_PIXELS, crop_bbox, load_image, resize_long_side, resize_max_side
+from lookalike.images import (
+    DEFAULT_MAX_PIXELS,
+    crop_bbox,
+    load_image_bytes,
+    read_file_bytes,
+    resize_long_side,
+    resize_max_side,
+)
 from lookalike.network import InferenceNet, Precision, build_descriptor_net
 from lookalike.pooling import gem_power
 from lookalike.precision import resolve_precision
@@ -55,13 +63,15 @@ class DescriptorSettings:
 
 @dataclass
 class FileDescriptor:
-    """The outcome for one file: a descriptor, or the error that made it skip."""
+    """The outcome for one file: a descriptor, or the error that made it skip. ``sha256`` is the hash of
+    the very bytes that were decoded (a file rewritten meanwhile cannot pass off one content for another)."""
 
     index: int
     path: Path
     vector: np.ndarray | None = None
     size: tuple[int, int] | None = None
     error: ImageError | None = None
+    sha256: str | None = None
 
 
 @dataclass
@@ -71,6 +81,7 @@ class _Decoded:
     tensors: list[torch.Tensor] = field(default_factory=list)
     size: tuple[int, int] | None = None
     error: ImageError | None = None
+    sha256: str | None = None
 
 
 def scale_combination_power(pooling: str, net_p: float, has_whiten_layer: bool) -> float:
@@ -142,8 +153,10 @@ class Extractor:
 
     def _decode(self, index: int, path: Path) -> _Decoded:
         try:
-            image = load_image(path, max_pixels=self.max_pixels)
-            return _Decoded(index, path, self.scaled_inputs(image), size=image.size)
+            data, _ = read_file_bytes(path)
+            image = load_image_bytes(data, name=str(path), max_pixels=self.max_pixels)
+            sha256 = hashlib.sha256(data).hexdigest()
+            return _Decoded(index, path, self.scaled_inputs(image), size=image.size, sha256=sha256)
         except ImageError as exc:
             return _Decoded(index, path, error=exc)
 
@@ -189,7 +202,7 @@ class Extractor:
                 vectors = self._run_batched([d for d in decoded if d.error is None], batch_size)
                 for item in decoded:
                     yield FileDescriptor(
-                        item.index, item.path, vectors.get(item.index), item.size, item.error
+                        item.index, item.path, vectors.get(item.index), item.size, item.error, item.sha256
                     )
 
     def _submit(self, pool: ThreadPoolExecutor, paths: list[Path], start: int, count: int) -> list[Future]:

@@ -8,10 +8,12 @@ are read by Pillow but never changed here.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import logging
 import math
 import os
+import stat
 import struct
 from collections.abc import Sequence
 from typing import BinaryIO
@@ -37,8 +39,11 @@ __all__ = [
     "is_image_file",
     "load_image",
     "load_image_bytes",
+    "open_regular_file",
+    "read_file_bytes",
     "resize_long_side",
     "resize_max_side",
+    "sha256_of_file",
     "to_rgb",
 ]
 
@@ -95,7 +100,7 @@ def load_image(path: StrPath, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Im
     Images with more than ``max_pixels`` pixels are refused from their header, before decoding
     (``None`` lifts this limit; Pillow's own ``Image.MAX_IMAGE_PIXELS`` still applies if set).
     """
-    with _open_file(path) as fp:
+    with open_regular_file(path) as fp:
         return _decode(fp, os.fspath(path), max_pixels)
 
 
@@ -115,7 +120,7 @@ def load_image_bytes(
 def image_size(path: StrPath) -> tuple[int, int]:
     """``(width, height)`` of the upright image, read from the header without decoding pixels."""
     name = os.fspath(path)
-    with _open_file(path) as fp:
+    with open_regular_file(path) as fp:
         im = _identify(fp, name)
         width, height = _stored_size(im)
         orientation = _header_orientation(im, name)
@@ -191,10 +196,15 @@ def _check_side(side: int) -> None:
         raise ConfigError(f"image side must be a positive integer, got {side!r}")
 
 
-def _open_file(path: StrPath) -> BinaryIO:
+def open_regular_file(path: StrPath) -> BinaryIO:
+    """Open a regular file for reading, never blocking: a FIFO, socket or device raises ``ImageError``.
+
+    The open is non-blocking (a FIFO with no writer would otherwise hang forever) and the type is checked on
+    the opened descriptor, so a file swapped for a FIFO between a stat and the open is refused too.
+    """
     name = os.fspath(path)
     try:
-        return open(name, "rb")
+        descriptor = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         raise ImageError(name, "file not found") from exc
     except IsADirectoryError as exc:
@@ -203,6 +213,39 @@ def _open_file(path: StrPath) -> BinaryIO:
         raise ImageError(name, "permission denied") from exc
     except OSError as exc:
         raise ImageError(name, f"cannot open: {exc.strerror or exc}") from exc
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if stat.S_ISDIR(mode):
+            raise ImageError(name, "is a directory, not an image file")
+        if not stat.S_ISREG(mode):
+            raise ImageError(name, "not a regular file (a FIFO, socket or device)")
+        os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def read_file_bytes(path: StrPath) -> tuple[bytes, os.stat_result]:
+    """A regular file's bytes and the ``fstat`` of the very descriptor they were read from."""
+    with open_regular_file(path) as fp:
+        status = os.fstat(fp.fileno())
+        try:
+            return fp.read(), status
+        except OSError as exc:
+            raise ImageError(os.fspath(path), f"cannot read: {exc.strerror or exc}") from exc
+
+
+def sha256_of_file(path: StrPath, chunk: int = 1 << 20) -> str:
+    """The sha256 of a regular file's content, read without ever blocking on a FIFO or device."""
+    digest = hashlib.sha256()
+    with open_regular_file(path) as fp:
+        try:
+            while block := fp.read(chunk):
+                digest.update(block)
+        except OSError as exc:
+            raise ImageError(os.fspath(path), f"cannot read: {exc.strerror or exc}") from exc
+    return digest.hexdigest()
 
 
 @functools.cache

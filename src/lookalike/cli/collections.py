@@ -147,9 +147,12 @@ def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
 
 def parse_id(text: str) -> int:
     try:
-        return int(text[3:])
+        image_id = int(text[3:])
     except ValueError:
         raise typer.BadParameter(f"an indexed image is id:N with N a number, got {text!r}") from None
+    if not 1 <= image_id < 2**63:
+        raise typer.BadParameter(f"no image has the id {image_id} (ids are 1 to 2^63 - 1)")
+    return image_id
 
 
 def search(
@@ -168,9 +171,10 @@ def search(
     with reported_errors(), Collection.open(collection_path(collection), readonly=True) as opened:
         target = Path(query)
         if target.is_dir():
-            paths = list(walk_images(target))
-            results = opened.search_files(paths, k, rerank)
-            queries = [(str(p), hits) for p, hits in zip(paths, results, strict=True)]
+            results = opened.search_files(list(walk_images(target)), k, rerank)
+            queries = [(str(r.path), r.hits) for r in results if r.error is None]
+            for skipped in (r for r in results if r.error is not None):
+                errors.print(f"[yellow]skipped[/] {skipped.path}: {skipped.error}", highlight=False)
         else:
             key: int | str = parse_id(query) if query.startswith("id:") else query
             queries = [(query, opened.search(key, k, parse_bbox(bbox), rerank))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,10 @@ def reported_errors() -> Iterator[None]:
         yield
     except LookalikeError as exc:
         raise fail(str(exc)) from exc
+    except sqlite3.Error as exc:
+        raise fail(f"collection database: {exc}; `lookalike check -c COLLECTION` says what is wrong") from exc
+    except OSError as exc:
+        raise fail(f"{exc.filename or 'file'}: {exc.strerror or exc}") from exc
     except KeyboardInterrupt as exc:
         raise fail("interrupted", 130) from exc
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lookalike.cli import collections, describe, evaluate, models, recognize, serve, system
+from lookalike.cli import check, collections, describe, evaluate, models, recognize, serve, system
 from lookalike.cli.common import configure_logging
 
 app = typer.Typer(
@@ -22,6 +22,7 @@ app.command("recognize")(recognize.recognize)
 app.command("info")(collections.info)
 app.command("remove")(collections.remove)
 app.command("export")(collections.export)
+app.command("check")(check.check)
 app.add_typer(collections.whiten_app, name="whiten")
 app.command("evaluate")(evaluate.evaluate_command)
 app.command("system")(system.system)

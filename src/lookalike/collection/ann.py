@@ -5,13 +5,13 @@ Names follow faiss: queries ``xq`` (Q, D), database ``xb`` (N, D), ``k`` → dis
 
 from __future__ import annotations
 
-import os
-import tempfile
+import hashlib
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from lookalike.atomic import atomic_write
 from lookalike.errors import CollectionError
 
 
@@ -32,15 +32,31 @@ def search(index: faiss.Index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.n
     return index.search(xq, min(k, max(index.ntotal, 1)))
 
 
-def save_index(index: faiss.Index, path: Path) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
+def save_index(index: faiss.Index, path: Path) -> dict[str, object]:
+    """Write ``index`` atomically; returns what ``index_problem`` later checks the file against."""
+    data = faiss.serialize_index(index).tobytes()
     try:
-        faiss.write_index(index, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        with atomic_write(path) as handle:
+            handle.write(data)
+    except OSError as exc:
+        raise CollectionError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    return {"sha256": hashlib.sha256(data).hexdigest(), "ntotal": int(index.ntotal), "d": int(index.d)}
+
+
+def index_problem(path: Path, recorded: dict, dim: int) -> str | None:
+    """What is wrong with a saved index file against what was recorded when it was saved (None: intact)."""
+    if "sha256" not in recorded:
+        return "no checksum was recorded for it"
+    try:
+        with open(path, "rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if digest != recorded["sha256"]:
+        return "its checksum does not match the one recorded when it was saved (damaged on disk)"
+    if recorded.get("d") != dim:
+        return f"it has dimension {recorded.get('d')}, the collection {dim}"
+    return None
 
 
 def load_index(path: Path) -> faiss.Index:

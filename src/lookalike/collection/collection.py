@@ -16,6 +16,7 @@ import fcntl
 import json
 import logging
 import os
+import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -25,13 +26,19 @@ from typing import Any
 import faiss
 import numpy as np
 
-from lookalike.collection import ann, store
+from lookalike.atomic import atomic_write
+from lookalike.collection import ann, recovery, store
 from lookalike.collection import query as querying
 from lookalike.collection import sync as syncing
-from lookalike.collection.query import BBox, Query
+from lookalike.collection.query import BBox, FileHits, Query
 from lookalike.collection.sync import DEFAULT_COMMIT_EVERY, ProgressCallback, SyncReport
-from lookalike.collection.vectors import VectorFile
-from lookalike.errors import CollectionBusyError, CollectionError, SettingsMismatchError
+from lookalike.collection.vectors import VectorFile, row_checksums
+from lookalike.errors import (
+    CollectionBusyError,
+    CollectionError,
+    DamagedCollectionError,
+    SettingsMismatchError,
+)
 from lookalike.extract import DescriptorSettings, Extractor
 from lookalike.whitening import Whitening, load_whitening, save_whitening
 
@@ -101,34 +108,43 @@ def mismatch_message(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
 class Collection:
     """A persistent, incrementally updated index of image descriptors. Use ``create`` or ``open``."""
 
-    def __init__(self, path: Path, readonly: bool) -> None:
+    def __init__(self, path: Path, readonly: bool, verify: bool = True) -> None:
         self.path = Path(path)
         self.readonly = readonly
         database = self.path / DATABASE
         if not database.exists():
             raise CollectionError(f"{self.path} is not a lookalike collection (no {DATABASE})")
-        self.db = store.connect(database, readonly=readonly)
         try:
-            if not readonly:
-                store.migrate(self.db)
-            elif (version := store.schema_version(self.db)) != store.SCHEMA_VERSION:
-                store.refuse_newer(version)
-                raise CollectionError(f"{self.path}: schema version {version}; open it writable to migrate")
-            self._settings = store.read_settings(self.db)
-            if "dim" not in self._settings:
-                raise CollectionError(
-                    f"{self.path}: incomplete collection (no settings); index with --rebuild"
-                )
-        except BaseException:
+            self.db = store.connect(database, readonly=readonly)
+        except sqlite3.Error as exc:
+            raise store.storage_error(exc, database) from exc
+        try:
+            self._settings = self._open_database(readonly)
+            self.vectors = VectorFile(self.path / VECTORS, int(self._settings["dim"]))
+            if verify:
+                self.vectors.require_rows(int(self._settings["vector_rows"]))
+        except BaseException as exc:
             self.db.close()
+            if isinstance(exc, sqlite3.Error):
+                raise store.storage_error(exc, database) from exc
             raise
-        self.vectors = VectorFile(self.path / VECTORS, int(self._settings["dim"]))
         self._extractor: Extractor | None = None
         self._index: faiss.Index | None = None
         self._index_key: tuple[int, str | None] | None = None
         self._whitening: Whitening | None = None
         self._whitening_stamp: tuple[int, int, int] | None = None
         self._lock_handle: int | None = None
+
+    def _open_database(self, readonly: bool) -> dict[str, Any]:
+        if not readonly:
+            store.migrate(self.db)
+        elif (version := store.schema_version(self.db)) != store.SCHEMA_VERSION:
+            store.refuse_newer(version)
+            raise CollectionError(f"{self.path}: schema version {version}; open it writable to migrate")
+        settings = store.read_settings(self.db)
+        if "dim" not in settings:
+            raise CollectionError(f"{self.path}: incomplete collection (no settings); index with --rebuild")
+        return settings
 
     # -- creating and opening -------------------------------------------------------------------------
 
@@ -146,7 +162,7 @@ class Collection:
         identity = descriptor_identity(settings, extractor)
         root_text = str(Path(root).resolve()) if root is not None else None
         # Built under another name and renamed into place: a run killed half-way leaves no database.
-        with _exclusive(path):
+        with write_lock(path):
             if (path / DATABASE).exists():
                 raise CollectionError(
                     f"{path} already holds a collection; open it, or remove it to start over"
@@ -156,21 +172,22 @@ class Collection:
                 Path(f"{building}{leftover}").unlink(missing_ok=True)
             connection = store.connect(building)
             store.migrate(connection)
-            connection.execute("BEGIN IMMEDIATE")
-            store.write_settings(
-                connection,
-                {**identity, "root": root_text, "vector_rows": 0, "generation": 0, "whitening": None},
-            )
-            connection.execute("COMMIT")
+            initial = {**identity, "root": root_text, "vector_rows": 0, "generation": 0, "whitening": None}
+            with store.transaction(connection):
+                store.write_settings(connection, initial)
             connection.close()
+            recovery.write_mirror(path, initial)
             os.replace(building, path / DATABASE)
         collection = cls(path, readonly=False)
         collection._extractor = extractor
         return collection
 
     @classmethod
-    def open(cls, path: str | Path, readonly: bool = False) -> Collection:
-        return cls(Path(path), readonly)
+    def open(cls, path: str | Path, readonly: bool = False, verify: bool = True) -> Collection:
+        """Open an existing collection. The cheap checks (database readable, descriptor file as long as the
+        database says) run first and refuse a damaged collection, naming ``lookalike check --repair``;
+        ``verify=False`` skips them (for the checker itself)."""
+        return cls(Path(path), readonly, verify)
 
     @classmethod
     def open_or_create(
@@ -186,7 +203,7 @@ class Collection:
         """
         path = Path(path)
         if rebuild and (path / DATABASE).exists():
-            with _exclusive(path):
+            with write_lock(path):
                 for name in (
                     DATABASE,
                     DATABASE + "-wal",
@@ -220,7 +237,6 @@ class Collection:
 
     def close(self) -> None:
         self.db.close()
-        self._release_lock()
 
     def __enter__(self) -> Collection:
         return self
@@ -268,47 +284,64 @@ class Collection:
         return self._extractor
 
     def _write_settings(self, values: dict[str, Any]) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-        store.write_settings(self.db, values)
-        self.db.execute("COMMIT")
+        with self._storage(), store.transaction(self.db):
+            store.write_settings(self.db, values)
         self._settings.update(values)
+        recovery.write_mirror(self.path, self._settings)
+
+    @contextmanager
+    def _storage(self) -> Iterator[None]:
+        """SQLite failures as a CollectionError that names the problem and the way out."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise store.storage_error(exc, self.path / DATABASE) from exc
 
     def refresh_settings(self) -> None:
-        self._settings = store.read_settings(self.db)
+        with self._storage():
+            self._settings = store.read_settings(self.db)
 
     # -- writing --------------------------------------------------------------------------------------
 
     @contextmanager
-    def writing(self) -> Iterator[None]:
-        """Hold the collection's write lock (one writer at a time, across processes)."""
+    def writing(self, trim: bool = True) -> Iterator[None]:
+        """Hold the collection's write lock (one writer at a time, across processes). ``trim`` drops
+        descriptor rows a killed run wrote but never committed (the checker opts out to see them)."""
         if self.readonly:
             raise CollectionError(f"{self.path} was opened read-only")
         if self._lock_handle is not None:
             yield
             return
-        handle = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(handle)
-            raise CollectionBusyError(f"{self.path} is being written by another process") from None
-        self._lock_handle = handle
-        try:
-            self.refresh_settings()
-            self.vectors.truncate(int(self._settings["vector_rows"]))
-            yield
-        finally:
-            self._release_lock()
+        with write_lock(self.path) as handle:
+            self._lock_handle = handle
+            try:
+                self.refresh_settings()
+                if trim:
+                    self._trim_uncommitted_rows()
+                yield
+            finally:
+                self._lock_handle = None
 
-    def _release_lock(self) -> None:
-        if self._lock_handle is not None:
-            fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
-            os.close(self._lock_handle)
-            self._lock_handle = None
+    def _trim_uncommitted_rows(self) -> None:
+        """Drop descriptor rows past the committed count, after checking the database agrees with that count
+        (a damaged count must not cut off committed descriptors)."""
+        rows = int(self._settings["vector_rows"])
+        with self._storage():
+            used = store.next_row(self.db)
+        if used > rows:
+            raise DamagedCollectionError(
+                f"{self.path}: the database records {rows} descriptor rows but refers to row {used - 1}; run "
+                f"`lookalike check -c {self.path}`"
+            )
+        self.vectors.truncate(rows)
 
     def relative_path(self, path: str | Path) -> str:
-        """How a file is named in the collection: relative to the root when under it, else absolute."""
-        absolute = Path(path).absolute()
+        """How a file is named in the collection: relative to the root when under it, else absolute.
+
+        The name is canonical: the folder part is resolved (``..``, symlinked folders, the current folder),
+        so one file reached by any spelling of its path gets one name and is stored once.
+        """
+        absolute = canonical_path(path)
         if self.root is not None:
             try:
                 return absolute.relative_to(self.root).as_posix()
@@ -324,10 +357,9 @@ class Collection:
         """Forget these files (paths as indexed, or absolute); returns how many were known."""
         with self.writing():
             ids = [record.id for p in paths if (record := self.record(p)) is not None]
-            self.db.execute("BEGIN IMMEDIATE")
-            store.delete_images(self.db, ids)
-            self._bump_generation()
-            self.db.execute("COMMIT")
+            with self._storage(), store.transaction(self.db):
+                store.delete_images(self.db, ids)
+                self._bump_generation()
         return len(ids)
 
     def _bump_generation(self) -> None:
@@ -349,12 +381,28 @@ class Collection:
 
     def raw_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(image ids, raw descriptors) of every indexed image, in id order, from one consistent snapshot."""
-        self.db.execute("BEGIN")
-        try:
-            pairs = np.array(list(store.indexed_rows(self.db)), dtype=np.int64).reshape(-1, 2)
-        finally:
-            self.db.execute("COMMIT")
-        return pairs[:, 0], self.vectors.read(pairs[:, 1])
+        with self._storage():
+            self.db.execute("BEGIN")
+            try:
+                pairs = np.array(list(store.indexed_rows(self.db)), dtype=np.int64).reshape(-1, 2)
+            finally:
+                self.db.execute("COMMIT")
+        return pairs[:, 0], self.verified_rows(pairs[:, 1])
+
+    def verified_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Descriptor rows ``(len(rows), D)`` checked against the crc32 recorded when each was written: a row
+        damaged on disk raises DamagedCollectionError instead of ranking anything."""
+        vectors = self.vectors.read(rows)
+        with self._storage():
+            recorded = store.content_checksums(self.db, None if len(rows) > 500 else rows.tolist())
+        bad = [int(r) for r, crc in zip(rows.tolist(), row_checksums(vectors), strict=True)
+               if recorded.get(int(r)) not in (None, crc)]  # fmt: skip
+        if bad:
+            raise DamagedCollectionError(
+                f"{self.vectors.path}: {len(bad)} descriptor rows differ from what was written (row {bad[0]}"
+                f"{', …' if len(bad) > 1 else ''}). Run `lookalike check -c {self.path} --repair`"
+            )
+        return vectors
 
     def vector(self, image_id: int) -> np.ndarray:
         return self.vectors_of([image_id])[0]
@@ -368,7 +416,7 @@ class Collection:
             if record is None or record.row is None:
                 raise CollectionError(f"image {image_id} is not indexed in {self.path}")
             rows.append(record.row)
-        return self.vectors.read(np.array(rows, dtype=np.int64))
+        return self.verified_rows(np.array(rows, dtype=np.int64))
 
     @property
     def whitening(self) -> Whitening | None:
@@ -392,11 +440,11 @@ class Collection:
                 save_whitening(whitening, self.path / WHITENING)
             self._whitening = whitening
             self._whitening_stamp = _file_stamp(self.path / WHITENING) if whitening is not None else None
-            self.db.execute("BEGIN IMMEDIATE")
-            store.write_settings(self.db, {"whitening": whitening.kind if whitening else None})
-            self._bump_generation()
-            self.db.execute("COMMIT")
+            with self._storage(), store.transaction(self.db):
+                store.write_settings(self.db, {"whitening": whitening.kind if whitening else None})
+                self._bump_generation()
             self._settings["whitening"] = whitening.kind if whitening else None
+            recovery.write_mirror(self.path, self._settings)
             self._index = None
 
     def prepare(self, raw: np.ndarray) -> np.ndarray:
@@ -405,30 +453,51 @@ class Collection:
         return whitening.apply(raw) if whitening is not None else np.asarray(raw, dtype=np.float32)
 
     def index(self) -> faiss.Index:
-        """The faiss index of the current generation: loaded from disk when fresh, else rebuilt (and saved)."""
+        """The faiss index of the current generation: loaded from disk when fresh and intact, else rebuilt
+        from the descriptors (and saved when writable). A damaged index file is never used."""
         self.refresh_settings()
         key = (int(self._settings.get("generation", 0)), self._settings.get("whitening"))
         if self._index is not None and self._index_key == key:
             return self._index
-        meta_path, index_path = self.path / INDEX_META, self.path / INDEX
-        try:
-            meta = json.loads(meta_path.read_text())
-            fresh = (meta["generation"], meta["whitening"]) == key and index_path.exists()
-        except (OSError, ValueError, KeyError):
-            fresh = False
-        if fresh:
-            index = ann.load_index(index_path)
-        else:
-            ids, raw = self.raw_vectors()
-            index = ann.build_index(self.prepare(raw) if len(raw) else raw.reshape(0, self._index_dim()), ids)
+        index = self._saved_index(key)
+        if index is None:
+            index = self.build_index()
             if not self.readonly:
-                ann.save_index(index, index_path)
-                from lookalike.atomic import atomic_write
-
-                with atomic_write(meta_path, "w") as handle:
-                    json.dump({"generation": key[0], "whitening": key[1]}, handle)
+                self._save_index(index, key)
         self._index, self._index_key = index, key
         return index
+
+    def build_index(self) -> faiss.Index:
+        """A new index of every indexed image's (whitened) descriptor."""
+        ids, raw = self.raw_vectors()
+        return ann.build_index(self.prepare(raw) if len(raw) else raw.reshape(0, self._index_dim()), ids)
+
+    def _saved_index(self, key: tuple[int, str | None]) -> faiss.Index | None:
+        """The saved index if it was built from this generation and is intact (checksum, count, dimension)."""
+        try:
+            meta = json.loads((self.path / INDEX_META).read_text())
+            if (meta["generation"], meta["whitening"]) != key:
+                return None
+            problem = ann.index_problem(self.path / INDEX, meta, self._index_dim())
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if problem is None:
+            index = ann.load_index(self.path / INDEX)
+            with self._storage():
+                indexed = store.counts(self.db)["ok"]
+            if index.ntotal == indexed:
+                return index
+            problem = f"it holds {index.ntotal} descriptors, the collection {indexed}"
+        log.warning("%s: %s; the index is rebuilt from the descriptors", self.path / INDEX, problem)
+        return None
+
+    def _save_index(self, index: faiss.Index, key: tuple[int, str | None]) -> None:
+        try:
+            digest = ann.save_index(index, self.path / INDEX)
+            with atomic_write(self.path / INDEX_META, "w") as handle:
+                json.dump({"generation": key[0], "whitening": key[1], **digest}, handle)
+        except (OSError, CollectionError) as exc:
+            log.warning("%s not saved (%s); it is rebuilt from the descriptors when next needed", INDEX, exc)
 
     def _index_dim(self) -> int:
         whitening = self.whitening
@@ -466,6 +535,8 @@ class Collection:
         folder = Path(root) if root is not None else self.root
         if folder is None:
             raise CollectionError(f"{self.path} has no root folder; pass one")
+        if not folder.is_dir():
+            raise CollectionError(f"{folder} is not a folder")
         if self.root is None:
             self._write_settings({"root": str(folder.resolve())})
         return syncing.sync(self, folder, progress, commit_every)
@@ -486,15 +557,21 @@ class Collection:
         ``rerank="aqe"`` re-ranks by α-weighted query expansion (an indexed query counts itself first)."""
         return querying.search(self, query, k, bbox, rerank)
 
-    def search_files(
-        self, paths: Sequence[str | Path], k: int = 30, rerank: str = "none"
-    ) -> list[list[SearchHit]]:
-        """Hits for many query files at once (unreadable files get no hits)."""
-        return querying.search_files(self, paths, k, rerank)
+    def search_files(self, paths: Sequence[str | Path], k: int = 30, rerank: str = "none") -> list[FileHits]:
+        """Hits for many query files at once, in order; an unreadable file comes back with its ``error``."""
+        return querying.search_each(self, paths, k, rerank)
 
     def search_vectors(self, raw: np.ndarray, k: int = 30, rerank: str = "none") -> list[list[SearchHit]]:
         """Hits for each raw descriptor row of ``raw`` (Q, D)."""
         return querying.search_vectors(self, raw, k, rerank)
+
+
+def canonical_path(path: str | Path) -> Path:
+    """``path`` with its folder resolved the way the kernel resolves it; the file name itself is kept
+    (a symlinked file is named where it is linked, not where it points)."""
+    joined = os.path.join(os.getcwd(), os.fspath(path))
+    folder, name = os.path.split(joined)
+    return Path(os.path.realpath(folder)) / name
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int] | None:
@@ -507,13 +584,14 @@ def _file_stamp(path: Path) -> tuple[int, int, int] | None:
 
 
 @contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    handle = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+def write_lock(path: Path) -> Iterator[int]:
+    """The collection's one-writer lock (``flock`` on ``write.lock``), held for the block or refused."""
+    handle = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise CollectionBusyError(f"{path} is being written by another process") from None
-        yield
+        yield handle
     finally:
         os.close(handle)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -116,14 +117,24 @@ def search(
     return search_vectors(collection, query_vector(collection, query, bbox)[None], k, rerank)[0]
 
 
-def search_files(
+@dataclass(frozen=True)
+class FileHits:
+    """The hits of one query file, or why it could not be read (then ``hits`` is empty)."""
+
+    path: Path
+    hits: list[SearchHit]
+    error: str | None = None
+
+
+def search_each(
     collection: Collection, paths: Sequence[str | Path], k: int = 30, rerank: str = "none"
-) -> list[list[SearchHit]]:
-    results: list[list[SearchHit]] = [[] for _ in paths]
-    described = [r for r in collection.extractor.describe_files(paths) if r.vector is not None]
-    if described:
-        vectors = np.stack([r.vector for r in described if r.vector is not None])
-        hits = search_vectors(collection, vectors, k, rerank)
-        for result, found in zip(described, hits, strict=True):
-            results[result.index] = found
-    return results
+) -> list[FileHits]:
+    """Hits for many query files at once, in order; an unreadable file is reported, never dropped."""
+    described = list(collection.extractor.describe_files(paths))
+    vectors = [r.vector for r in described if r.vector is not None]
+    hits = iter(search_vectors(collection, np.stack(vectors), k, rerank) if vectors else [])
+    return [
+        FileHits(r.path, next(hits)) if r.vector is not None
+        else FileHits(r.path, [], r.error.reason if r.error else "unreadable")
+        for r in described
+    ]  # fmt: skip

@@ -7,8 +7,10 @@ owns a row of the vector file, so identical files are described and stored once.
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX images_sha256 ON images(sha256);
     CREATE INDEX images_row ON images(row);
     """,
+    # A checksum of each descriptor row as written, so `lookalike check` finds rows damaged on disk.
+    "ALTER TABLE contents ADD COLUMN crc32 INTEGER",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -55,7 +59,71 @@ class ImageRecord:
     row: int | None
 
 
+@dataclass(frozen=True)
+class ImageRow:
+    """What one indexing step records of a file (its id is kept, or the next free one)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str | None
+    width: int | None
+    height: int | None
+    status: str
+    error: str | None
+    row: int | None
+
+
+DATABASE = "collection.sqlite"
 IMAGE_COLUMNS = "id, path, size, mtime_ns, sha256, width, height, status, error, row"
+MAX_ID = 2**63 - 1  # SQLite integers are signed 64-bit
+
+
+def storage_error(exc: sqlite3.Error, database: Path | str) -> CollectionError:
+    """A SQLite failure as one line that names the problem and the way out."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.OperationalError):
+        if "full" in text or ("I/O error" in text and _disk_nearly_full(Path(database).parent)):
+            text = text if "full" in text else f"{text}: the disk is full"
+            return CollectionError(
+                f"{database}: {text}; nothing of the failed step was committed. Free some space and run "
+                "the command again: it resumes where it stopped"
+            )
+        if "locked" in text or "busy" in text:
+            return CollectionError(f"{database}: {text}; another process holds it, try again when it is done")
+        if "I/O error" in text:
+            return CollectionError(
+                f"{database}: {text} ({getattr(exc, 'sqlite_errorname', 'I/O')}); nothing of the failed step "
+                "was committed. Check the disk, then run the command again: it resumes where it stopped"
+            )
+        if "malformed" not in text:
+            return CollectionError(f"{database}: {text}")
+    return CollectionError(
+        f"{database} is damaged ({text}). Run `lookalike check -c {Path(database).parent}` to see what can "
+        "be saved"
+    )
+
+
+def _disk_nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
+@contextmanager
+def transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``; on any failure a rollback that never hides the first error."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        connection.execute("COMMIT")
+    except BaseException:
+        if connection.in_transaction:
+            # SQLite may have rolled back already (e.g. after a full disk); the first error is the news.
+            with suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
+        raise
 
 
 def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
@@ -87,14 +155,9 @@ def migrate(connection: sqlite3.Connection) -> None:
     version = schema_version(connection)
     refuse_newer(version)
     for number in range(version, SCHEMA_VERSION):
-        connection.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(connection):
             _run_script(connection, MIGRATIONS[number])
             connection.execute(f"PRAGMA user_version = {number + 1}")
-            connection.execute("COMMIT")
-        except BaseException:
-            connection.execute("ROLLBACK")
-            raise
 
 
 def _run_script(connection: sqlite3.Connection, script: str) -> None:
@@ -124,7 +187,8 @@ def all_images(connection: sqlite3.Connection) -> dict[str, ImageRecord]:
 
 
 def images_by_ids(connection: sqlite3.Connection, ids: Iterable[int]) -> dict[int, ImageRecord]:
-    wanted = list(ids)
+    """Records of the given ids that exist; ids no image can have (outside 1..2⁶³−1) are simply absent."""
+    wanted = [int(i) for i in ids if 1 <= int(i) <= MAX_ID]
     found: dict[int, ImageRecord] = {}
     for start in range(0, len(wanted), 500):
         chunk = wanted[start : start + 500]
@@ -142,6 +206,25 @@ def image_by_path(connection: sqlite3.Connection, path: str) -> ImageRecord | No
 def indexed_rows(connection: sqlite3.Connection) -> Iterator[tuple[int, int]]:
     """(image id, vector row) of every image that has a descriptor, by id."""
     yield from connection.execute("SELECT id, row FROM images WHERE status = 'ok' ORDER BY id")
+
+
+def content_checksums(connection: sqlite3.Connection, rows: list[int] | None = None) -> dict[int, int | None]:
+    """The crc32 recorded for each content row, or for the given ones (None: written before checksums were
+    recorded)."""
+    if rows is None:
+        return {int(row): crc for row, crc in connection.execute("SELECT row, crc32 FROM contents")}
+    found: dict[int, int | None] = {}
+    for start in range(0, len(rows), 500):
+        chunk = rows[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        found.update(connection.execute(f"SELECT row, crc32 FROM contents WHERE row IN ({marks})", chunk))
+    return found
+
+
+def set_content_checksums(connection: sqlite3.Connection, checksums: dict[int, int]) -> None:
+    connection.executemany(
+        "UPDATE contents SET crc32 = ? WHERE row = ?", [(crc, row) for row, crc in checksums.items()]
+    )
 
 
 def content_row(connection: sqlite3.Connection, sha256: str) -> int | None:
@@ -173,7 +256,27 @@ def counts(connection: sqlite3.Connection) -> dict[str, int]:
     return result
 
 
+def add_content(connection: sqlite3.Connection, row: int, sha256: str, crc32: int) -> None:
+    connection.execute("INSERT INTO contents(row, sha256, crc32) VALUES (?, ?, ?)", (row, sha256, crc32))
+
+
+def record_image(connection: sqlite3.Connection, image: ImageRow, next_id: int) -> int:
+    """Insert or replace the record of ``image.path`` (keeping its id); returns the next free id."""
+    existing = connection.execute("SELECT id FROM images WHERE path = ?", (image.path,)).fetchone()
+    image_id = existing[0] if existing else next_id
+    connection.execute(
+        f"INSERT OR REPLACE INTO images({IMAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (image_id, image.path, image.size, image.mtime_ns, image.sha256, image.width, image.height,
+         image.status, image.error, image.row),
+    )  # fmt: skip
+    return next_id if existing else next_id + 1
+
+
+def delete_orphan_contents(connection: sqlite3.Connection) -> None:
+    connection.execute("DELETE FROM contents WHERE row NOT IN (SELECT row FROM images WHERE row IS NOT NULL)")
+
+
 def delete_images(connection: sqlite3.Connection, ids: Iterable[int]) -> None:
     """Delete images, then every content row no image refers to any more."""
     connection.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in ids])
-    connection.execute("DELETE FROM contents WHERE row NOT IN (SELECT row FROM images WHERE row IS NOT NULL)")
+    delete_orphan_contents(connection)

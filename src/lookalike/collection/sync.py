@@ -8,6 +8,7 @@ SIGKILL) leaves a consistent collection; the next run resumes with nothing lost 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import stat as stat_module
 import time
 from collections.abc import Callable, Iterable
@@ -19,9 +20,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from lookalike.collection import store
-from lookalike.errors import CollectionError
+from lookalike.collection.recovery import ROW_HASHES, RowHashes
+from lookalike.collection.vectors import row_checksums
+from lookalike.errors import CollectionError, ImageError
+from lookalike.images import sha256_of_file as sha256_file
 from lookalike.walk import walk_images
-from lookalike.weights import sha256_file
 
 if TYPE_CHECKING:
     from lookalike.collection.collection import Collection
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_COMMIT_EVERY = 64
+CHANGED_WHILE_READ = "changed while being indexed; it is indexed on the next run"
 
 
 @dataclass(frozen=True)
@@ -89,10 +93,8 @@ def hashed(state: FileState) -> FileState:
         return state
     try:
         return FileState(state.name, state.path, state.size, state.mtime_ns, sha256=sha256_file(state.path))
-    except OSError as exc:
-        return FileState(
-            state.name, state.path, state.size, state.mtime_ns, error=f"cannot read: {exc.strerror or exc}"
-        )
+    except ImageError as exc:
+        return FileState(state.name, state.path, state.size, state.mtime_ns, error=exc.reason)
 
 
 def plan(collection: Collection, states: list[FileState]) -> tuple[list[FileState], int]:
@@ -159,7 +161,7 @@ def add(
 def _under(collection: Collection, name: str, root: Path) -> bool:
     path = collection.absolute_path(name)
     try:
-        path.relative_to(root.absolute())
+        path.relative_to(root.resolve())
         return True
     except ValueError:
         return False
@@ -215,18 +217,25 @@ def _describe_chunk(
     rows: dict[str, int] = {}
     sizes: dict[str, tuple[int, int] | None] = {}
     failures: dict[str, str] = {}
+    changed: set[str] = set()
     vectors: list[np.ndarray] = []
     for result in extractor.describe_files([state.path for state in firsts]):
         sha = firsts[result.index].sha256 or ""
         if result.vector is None:
             failures[sha] = result.error.reason if result.error else "unreadable"
+        elif result.sha256 != sha:
+            changed.add(sha)  # rewritten between hashing and decoding: its pixels are not that content
+        elif not usable_descriptor(result.vector):
+            failures[sha] = "its descriptor is not finite or is zero (the network gave no usable output)"
         else:
             rows[sha], sizes[sha] = next_row + len(vectors), result.size
             vectors.append(result.vector)
     outcomes = []
     for state in chunk:
         sha = state.sha256 or ""
-        if state.error is not None or sha in failures:
+        if sha in changed:
+            outcomes.append(_Outcome(state, "retry", error=CHANGED_WHILE_READ))
+        elif state.error is not None or sha in failures:
             outcomes.append(_Outcome(state, "failed", error=state.error or failures[sha]))
         elif sha in rows:
             new = first_of.get(sha) is state
@@ -239,55 +248,58 @@ def _describe_chunk(
     return outcomes, matrix
 
 
+def usable_descriptor(vector: np.ndarray) -> bool:
+    """Finite, and not all zero: a row that could rank anything at all."""
+    return bool(np.isfinite(vector).all() and np.any(vector != 0))
+
+
 def _commit(
     collection: Collection, outcomes: list[_Outcome], vectors: np.ndarray, delete: list[int] | None = None
 ) -> None:
+    """Descriptors first (written and fsynced), then one transaction that records what refers to them."""
     start_row = int(collection.settings["vector_rows"])
     if len(vectors):
         collection.vectors.write(start_row, vectors)
+        new_rows = sorted(
+            (o.row, o.state.sha256 or "") for o in outcomes if o.new_content and o.row is not None
+        )
+        RowHashes(collection.path / ROW_HASHES).write(start_row, [sha for _, sha in new_rows])
+    checksums = row_checksums(vectors)
     db = collection.db
-    db.execute("BEGIN IMMEDIATE")
     try:
-        if delete:
-            store.delete_images(db, delete)
-        next_id = store.next_image_id(db)
-        for outcome in outcomes:
-            state = outcome.state
-            if outcome.new_content:
-                db.execute("INSERT INTO contents(row, sha256) VALUES (?, ?)", (outcome.row, state.sha256))
-            existing = db.execute("SELECT id FROM images WHERE path = ?", (state.name,)).fetchone()
-            image_id = existing[0] if existing else next_id
-            next_id += 0 if existing else 1
-            width, height = outcome.size or (None, None)
-            db.execute(
-                "INSERT OR REPLACE INTO images(id, path, size, mtime_ns, sha256, width, height, status, error, row)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    image_id,
-                    state.name,
-                    state.size,
-                    state.mtime_ns,
-                    state.sha256,
-                    width,
-                    height,
-                    outcome.status,
-                    outcome.error,
-                    outcome.row,
-                ),
-            )
-        db.execute("DELETE FROM contents WHERE row NOT IN (SELECT row FROM images WHERE row IS NOT NULL)")
-        store.write_settings(db, {"vector_rows": start_row + len(vectors)})
-        collection._settings["vector_rows"] = start_row + len(vectors)
-        collection._bump_generation()
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
+        with store.transaction(db):
+            if delete:
+                store.delete_images(db, delete)
+            next_id = store.next_image_id(db)
+            for outcome in outcomes:
+                if outcome.status == "retry":
+                    continue  # not recorded: the next run sees it as new
+                if outcome.new_content and outcome.row is not None:
+                    crc = checksums[outcome.row - start_row]
+                    store.add_content(db, outcome.row, outcome.state.sha256 or "", crc)
+                next_id = store.record_image(db, _image_row(outcome), next_id)
+            store.delete_orphan_contents(db)
+            store.write_settings(db, {"vector_rows": start_row + len(vectors)})
+            collection._settings["vector_rows"] = start_row + len(vectors)
+            collection._bump_generation()
+    except BaseException as exc:
         collection.refresh_settings()
+        if isinstance(exc, sqlite3.Error):
+            raise store.storage_error(exc, collection.path / store.DATABASE) from exc
         raise
 
 
+def _image_row(outcome: _Outcome) -> store.ImageRow:
+    state = outcome.state
+    width, height = outcome.size or (None, None)
+    return store.ImageRow(
+        state.name, state.size, state.mtime_ns, state.sha256, width, height, outcome.status, outcome.error,
+        outcome.row,
+    )  # fmt: skip
+
+
 def _tally(report: SyncReport, state: FileState, outcome: _Outcome) -> None:
-    if outcome.status == "failed":
+    if outcome.status in ("failed", "retry"):
         report.failed.append((state.name, outcome.error or "unknown error"))
     elif outcome.new_content:
         report.indexed += 1
