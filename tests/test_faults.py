@@ -319,6 +319,25 @@ def test_a_database_that_is_not_one_is_refused_then_rebuilt_without_describing_a
     assert not check_collection(path).findings
 
 
+@pytest.mark.parametrize("column", ["path", "row", "sha256"])
+def test_a_record_changed_on_disk_is_never_another_files_result(
+    damaged: tuple[Path, Path], pristine: tuple[Path, Path], column: str
+) -> None:
+    _, path = damaged
+    connection = sqlite3.connect(path / store.DATABASE)  # what a flipped bit in a page does: no checksum kept
+    value = {"path": "'cbt.jpg'", "row": "(row + 1) % 10", "sha256": "'0' || substr(sha256, 2)"}[column]
+    connection.execute(f"UPDATE images SET {column} = {value} WHERE path = 'cat.jpg'")
+    connection.commit()
+    connection.close()
+    with pytest.raises(DamagedCollectionError, match="record of image"):
+        baseline(path)
+    code, output = run("search", "id:1", "-c", str(path))
+    assert code == 1 and "--repair" in output
+    assert check_collection(path).damaged
+    assert not check_collection(path, repair=True).damaged
+    assert baseline(path) == baseline(pristine[1])
+
+
 @pytest.fixture
 def growing(tmp_path: Path) -> Iterator[tuple[Path, Collection]]:
     """Half the sample indexed; the other half arrives when the test syncs again."""

@@ -45,3 +45,11 @@ def expand_inputs(inputs: Iterable[str | Path]) -> Iterator[Path]:
             yield from walk_images(path)
         else:
             yield path
+
+
+def canonical_path(path: str | Path) -> Path:
+    """``path`` with its folder resolved the way the kernel resolves it; the file name itself is kept
+    (a symlinked file is named where it is linked, not where it points)."""
+    joined = os.path.join(os.getcwd(), os.fspath(path))
+    folder, name = os.path.split(joined)
+    return Path(os.path.realpath(folder)) / name

@@ -114,9 +114,11 @@ def database_problem(database: Path) -> str | None:
             rows = [r[0] for r in connection.execute("PRAGMA integrity_check(20)")]
             orphans = connection.execute("PRAGMA foreign_key_check").fetchall()
             store.read_settings(connection)
+            store.all_images(connection)  # every record decodes and has its checksum
+            connection.execute("SELECT row, sha256, crc32 FROM contents").fetchall()
         finally:
             connection.close()
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, LookalikeError) as exc:
         return f"{database} cannot be read: {exc}"
     if rows != ["ok"]:
         return f"{database} fails SQLite's integrity check: " + "; ".join(rows[:5])
@@ -192,6 +194,14 @@ def _check_vectors(collection: Collection, report: CheckReport, repair: bool) ->
         report.findings.append(
             Finding("vectors", f"{len(damaged)} descriptor rows are damaged ({examples})",
                     repair=done if repair else None)
+        )  # fmt: skip
+    unchecked = store.unchecked_records(collection.db)
+    if unchecked and repair:
+        with collection._storage(), store.transaction(collection.db):
+            store.set_record_checksums(collection.db, unchecked)
+        report.findings.append(
+            Finding("database", f"{len(unchecked)} image records had no checksum (written by an older "
+                    "lookalike)", damage=False, repair="checksums recorded")
         )  # fmt: skip
     if unrecorded and repair:
         vectors = collection.vectors.read(np.array(unrecorded, dtype=np.int64))

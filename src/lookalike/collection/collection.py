@@ -40,6 +40,7 @@ from lookalike.errors import (
     SettingsMismatchError,
 )
 from lookalike.extract import DescriptorSettings, Extractor
+from lookalike.walk import canonical_path
 from lookalike.whitening import Whitening, load_whitening, save_whitening
 
 log = logging.getLogger(__name__)
@@ -370,14 +371,17 @@ class Collection:
     # -- reading --------------------------------------------------------------------------------------
 
     def record(self, path: str | Path) -> store.ImageRecord | None:
-        found = store.image_by_path(self.db, str(path))
-        return found or store.image_by_path(self.db, self.relative_path(path))
+        with self._storage():
+            found = store.image_by_path(self.db, str(path))
+            return found or store.image_by_path(self.db, self.relative_path(path))
 
     def records(self, ids: list[int]) -> dict[int, store.ImageRecord]:
-        return store.images_by_ids(self.db, ids)
+        with self._storage():
+            return store.images_by_ids(self.db, ids)
 
     def images(self) -> dict[str, store.ImageRecord]:
-        return store.all_images(self.db)
+        with self._storage():
+            return store.all_images(self.db)
 
     def raw_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(image ids, raw descriptors) of every indexed image, in id order, from one consistent snapshot."""
@@ -505,13 +509,14 @@ class Collection:
 
     def info(self) -> CollectionInfo:
         self.refresh_settings()
-        numbers = store.counts(self.db)
+        with self._storage():
+            numbers, version = store.counts(self.db), store.schema_version(self.db)
         disk = sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
         public = {k: v for k, v in self._settings.items() if k not in ("vector_rows", "generation")}
         return CollectionInfo(
             path=str(self.path),
             root=str(self.root) if self.root else None,
-            schema_version=store.schema_version(self.db),
+            schema_version=version,
             settings=public,
             images=numbers["ok"],
             failed=numbers["failed"],
@@ -564,14 +569,6 @@ class Collection:
     def search_vectors(self, raw: np.ndarray, k: int = 30, rerank: str = "none") -> list[list[SearchHit]]:
         """Hits for each raw descriptor row of ``raw`` (Q, D)."""
         return querying.search_vectors(self, raw, k, rerank)
-
-
-def canonical_path(path: str | Path) -> Path:
-    """``path`` with its folder resolved the way the kernel resolves it; the file name itself is kept
-    (a symlinked file is named where it is linked, not where it points)."""
-    joined = os.path.join(os.getcwd(), os.fspath(path))
-    folder, name = os.path.split(joined)
-    return Path(os.path.realpath(folder)) / name
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int] | None:

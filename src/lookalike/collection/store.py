@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lookalike.errors import CollectionError
+from lookalike.errors import CollectionError, DamagedCollectionError
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -41,6 +42,8 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # A checksum of each descriptor row as written, so `lookalike check` finds rows damaged on disk.
     "ALTER TABLE contents ADD COLUMN crc32 INTEGER",
+    # A checksum of each image record, so a record damaged on disk is an error, never another file's result.
+    "ALTER TABLE images ADD COLUMN checksum INTEGER",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -76,6 +79,7 @@ class ImageRow:
 
 DATABASE = "collection.sqlite"
 IMAGE_COLUMNS = "id, path, size, mtime_ns, sha256, width, height, status, error, row"
+CHECKED_COLUMNS = IMAGE_COLUMNS + ", checksum"
 MAX_ID = 2**63 - 1  # SQLite integers are signed 64-bit
 
 
@@ -177,12 +181,23 @@ def write_settings(connection: sqlite3.Connection, settings: dict[str, object]) 
     )
 
 
+def record_checksum(values: tuple) -> int:
+    """crc32 of an image record's fields (id … row), as written; SQLite keeps no checksums of its own."""
+    return zlib.crc32(json.dumps(list(values), ensure_ascii=False).encode())
+
+
 def _record(row: tuple) -> ImageRecord:
-    return ImageRecord(*row)
+    *values, checksum = row
+    if checksum is not None and checksum != record_checksum(tuple(values)):
+        raise DamagedCollectionError(
+            f"the database record of image {values[0]} is damaged on disk (its checksum differs). Run "
+            "`lookalike check -c COLLECTION --repair` to rebuild the database"
+        )
+    return ImageRecord(*values)
 
 
 def all_images(connection: sqlite3.Connection) -> dict[str, ImageRecord]:
-    rows = connection.execute(f"SELECT {IMAGE_COLUMNS} FROM images")
+    rows = connection.execute(f"SELECT {CHECKED_COLUMNS} FROM images")
     return {record.path: record for record in map(_record, rows)}
 
 
@@ -193,19 +208,21 @@ def images_by_ids(connection: sqlite3.Connection, ids: Iterable[int]) -> dict[in
     for start in range(0, len(wanted), 500):
         chunk = wanted[start : start + 500]
         marks = ",".join("?" * len(chunk))
-        for row in connection.execute(f"SELECT {IMAGE_COLUMNS} FROM images WHERE id IN ({marks})", chunk):
+        for row in connection.execute(f"SELECT {CHECKED_COLUMNS} FROM images WHERE id IN ({marks})", chunk):
             found[row[0]] = _record(row)
     return found
 
 
 def image_by_path(connection: sqlite3.Connection, path: str) -> ImageRecord | None:
-    row = connection.execute(f"SELECT {IMAGE_COLUMNS} FROM images WHERE path = ?", (path,)).fetchone()
+    row = connection.execute(f"SELECT {CHECKED_COLUMNS} FROM images WHERE path = ?", (path,)).fetchone()
     return _record(row) if row else None
 
 
 def indexed_rows(connection: sqlite3.Connection) -> Iterator[tuple[int, int]]:
     """(image id, vector row) of every image that has a descriptor, by id."""
-    yield from connection.execute("SELECT id, row FROM images WHERE status = 'ok' ORDER BY id")
+    for row in connection.execute(f"SELECT {CHECKED_COLUMNS} FROM images WHERE status = 'ok' ORDER BY id"):
+        record = _record(row)
+        yield record.id, record.row  # type: ignore[misc]
 
 
 def content_checksums(connection: sqlite3.Connection, rows: list[int] | None = None) -> dict[int, int | None]:
@@ -264,12 +281,24 @@ def record_image(connection: sqlite3.Connection, image: ImageRow, next_id: int) 
     """Insert or replace the record of ``image.path`` (keeping its id); returns the next free id."""
     existing = connection.execute("SELECT id FROM images WHERE path = ?", (image.path,)).fetchone()
     image_id = existing[0] if existing else next_id
+    values = (image_id, image.path, image.size, image.mtime_ns, image.sha256, image.width, image.height,
+              image.status, image.error, image.row)  # fmt: skip
     connection.execute(
-        f"INSERT OR REPLACE INTO images({IMAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (image_id, image.path, image.size, image.mtime_ns, image.sha256, image.width, image.height,
-         image.status, image.error, image.row),
-    )  # fmt: skip
+        f"INSERT OR REPLACE INTO images({CHECKED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (*values, record_checksum(values)),
+    )
     return next_id if existing else next_id + 1
+
+
+def unchecked_records(connection: sqlite3.Connection) -> list[tuple]:
+    """Image records written before record checksums existed."""
+    return connection.execute(f"SELECT {IMAGE_COLUMNS} FROM images WHERE checksum IS NULL").fetchall()
+
+
+def set_record_checksums(connection: sqlite3.Connection, records: list[tuple]) -> None:
+    connection.executemany(
+        "UPDATE images SET checksum = ? WHERE id = ?", [(record_checksum(tuple(r)), r[0]) for r in records]
+    )
 
 
 def delete_orphan_contents(connection: sqlite3.Connection) -> None:
