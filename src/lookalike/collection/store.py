@@ -7,6 +7,7 @@ owns a row of the vector file, so identical files are described and stored once.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import sqlite3
 import zlib
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.errors import CollectionError, DamagedCollectionError
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -133,14 +136,30 @@ def transaction(connection: sqlite3.Connection) -> Iterator[None]:
 def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     """A connection in WAL mode (readers never block the writer) with foreign keys on."""
     if readonly:
-        uri = f"{Path(path).absolute().as_uri()}?mode=ro"  # percent-encoded: '#', '?', '%' are literal
-        connection = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+        connection = _read_only(path)
     else:
         connection = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=FULL")
     connection.execute("PRAGMA foreign_keys=ON")
     return connection
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection. A WAL reader needs room for its shared-memory file; on a full disk, with no
+    write-ahead log left to read, the database file alone is the whole committed state and is opened as is."""
+    uri = f"{Path(path).absolute().as_uri()}?mode=ro"  # percent-encoded: '#', '?', '%' are literal
+    connection = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+    try:
+        connection.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return connection
+    except sqlite3.OperationalError:
+        wal = Path(f"{path}-wal")
+        if (wal.exists() and wal.stat().st_size > 0) or not _disk_nearly_full(Path(path).parent):
+            raise
+    connection.close()
+    log.warning("%s: the disk is full; reading the database without its shared-memory file", path)
+    return sqlite3.connect(f"{uri}&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
 
 
 def schema_version(connection: sqlite3.Connection) -> int:
