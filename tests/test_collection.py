@@ -193,7 +193,9 @@ def test_k_larger_than_the_collection_gives_every_image_once(indexed: Collection
         indexed.search("rocket.jpg", k=0)
 
 
-def test_search_files_finds_each_file_and_reports_unreadable_ones(indexed: Collection, tmp_path: Path) -> None:
+def test_search_files_finds_each_file_and_reports_unreadable_ones(
+    indexed: Collection, tmp_path: Path
+) -> None:
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really")
     paths = [indexed.root / "hubble.jpg", broken, indexed.root / "cells.jpg"]

@@ -17,14 +17,17 @@ from lookalike.collection.store import ImageRecord
 from lookalike.errors import ConfigError, ImageError
 from lookalike.serve.engine import Engine
 from lookalike.serve.errors import ApiError, upload_error
+from lookalike.serve.files import OpenedFileResponse
 from lookalike.serve.params import (
     RECOGNIZE_REQUEST_BODY,
     SEARCH_REQUEST_BODY,
+    ImageId,
     SearchRequest,
     read_search_request,
 )
 from lookalike.serve.schemas import (
     ERROR_RESPONSES,
+    ErrorBody,
     HealthResponse,
     Hit,
     InfoResponse,
@@ -38,7 +41,11 @@ from lookalike.serve.schemas import (
 
 router = APIRouter(prefix="/api", tags=["api"])
 
-IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {404: ERROR_RESPONSES[404]}
+IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"description": "no indexed image has this id, or its file is gone or refused", "model": ErrorBody},
+    409: {"description": "the file changed on disk since it was indexed (re-index)", "model": ErrorBody},
+    422: ERROR_RESPONSES[422],
+}
 
 
 def engine_of(request: Request) -> Engine:
@@ -48,7 +55,7 @@ def engine_of(request: Request) -> Engine:
 @router.post(
     "/search",
     response_model=SearchResponse,
-    responses={s: ERROR_RESPONSES[s] for s in (404, 413, 415, 422, 503)},
+    responses={s: ERROR_RESPONSES[s] for s in (404, 408, 413, 415, 422, 503)},
     openapi_extra={"requestBody": SEARCH_REQUEST_BODY},
     summary="The k most similar indexed images to an uploaded image or an indexed image",
 )
@@ -77,7 +84,7 @@ async def search(request: Request) -> SearchResponse:
 @router.post(
     "/recognize",
     response_model=RecognizeResponse,
-    responses={s: ERROR_RESPONSES[s] for s in (404, 409, 413, 415, 422, 503)},
+    responses={s: ERROR_RESPONSES[s] for s in (404, 408, 409, 413, 415, 422, 503)},
     openapi_extra={"requestBody": RECOGNIZE_REQUEST_BODY},
     summary="What an uploaded or indexed image shows, by its nearest labelled images",
 )
@@ -116,18 +123,19 @@ async def recognize(request: Request) -> RecognizeResponse:
     responses={200: {"content": {"image/*": {}}}, **IMAGE_RESPONSES},
     summary="The original file of an indexed image",
 )
-async def image(request: Request, image_id: int) -> Response:
+@router.head("/images/{image_id}", include_in_schema=False)
+async def image(request: Request, image_id: ImageId) -> Response:
+    """The file as indexed. Only a regular file inside the collection's folder that is still the one
+    indexed (same size, and same time or content) is sent: else 404, or 409 when it changed."""
     engine = engine_of(request)
     record = await engine.record(image_id)
-    path = engine.file(record)
-    if not path.is_file():
-        raise ApiError(404, "file missing", f"image {image_id} is no longer on disk; re-index the collection")
+    opened, media = await engine.open_file(record)
     headers = {
-        "Content-Disposition": f"inline; filename*=UTF-8''{quote(path.name)}",
+        "Content-Disposition": f"inline; filename*=UTF-8''{quote(opened.name)}",
         "X-Content-Type-Options": "nosniff",
         "Cache-Control": "no-cache",
     }
-    return FileResponse(path, media_type=await engine.media_type(record), headers=headers)
+    return OpenedFileResponse(opened, media, headers)
 
 
 @router.get(
@@ -136,7 +144,8 @@ async def image(request: Request, image_id: int) -> Response:
     responses={200: {"content": {"image/jpeg": {}}}, **IMAGE_RESPONSES},
     summary="A JPEG thumbnail of an indexed image (made once, then cached in the collection)",
 )
-async def thumbnail(request: Request, image_id: int) -> Response:
+@router.head("/thumbs/{image_id}", include_in_schema=False)
+async def thumbnail(request: Request, image_id: ImageId) -> Response:
     engine = engine_of(request)
     record = await engine.record(image_id)
     try:
@@ -170,6 +179,7 @@ async def info(request: Request) -> InfoResponse:
 
 
 @router.get("/health", response_model=HealthResponse, summary="Whether the server answers and its index")
+@router.head("/health", include_in_schema=False)
 async def health(request: Request) -> HealthResponse:
     return HealthResponse(status="ok", indexed=await engine_of(request).indexed())
 

@@ -1,5 +1,9 @@
 """The web application: the search page at /, the REST API under /api, its OpenAPI schema at
-/openapi.json and Swagger UI at /docs — every file served from this machine, nothing from a CDN."""
+/openapi.json and Swagger UI at /docs — every file served from this machine, nothing from a CDN.
+
+Around it, outermost first: any unexpected exception becomes a JSON 500 (``errors.Unexpected``); the Host
+header and the access token are checked (``access.Access``); request bodies are bounded in size and time
+(``params.BodyLimit``)."""
 
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ from fastapi.staticfiles import StaticFiles
 
 from lookalike.recognize import RecognizerOptions
 from lookalike.serve import api
+from lookalike.serve.access import Access
 from lookalike.serve.engine import Engine
-from lookalike.serve.errors import install_error_handlers
+from lookalike.serve.errors import Unexpected, install_error_handlers
 from lookalike.serve.params import FORM_OVERHEAD, BodyLimit
 from lookalike.serve.settings import ServeSettings
 
@@ -37,7 +42,10 @@ def create_app(
     recognition: RecognizerOptions | None = None,
 ) -> FastAPI:
     """The app for one collection. The model and index load now, once; the collection closes at shutdown.
-    ``recognition`` sets how /api/recognize votes (see :meth:`Engine.open`)."""
+    ``recognition`` sets how /api/recognize votes (see :meth:`Engine.open`). It answers only requests whose
+    Host names the address they arrived on or ``settings.allowed_hosts``; it asks for no token unless
+    ``settings.token`` is set — serving beyond loopback without one is the caller's choice (the CLI
+    refuses)."""
     settings = settings or ServeSettings()
     engine = Engine.open(collection_path, settings, recognition)
 
@@ -56,14 +64,21 @@ def create_app(
     )
     app.state.engine = engine
     install_error_handlers(app)
+    # Each middleware added wraps the ones before it.
     app.add_middleware(
-        BodyLimit, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD, upload_limit=settings.max_upload_bytes
+        BodyLimit,
+        max_bytes=settings.max_upload_bytes + FORM_OVERHEAD,
+        upload_limit=settings.max_upload_bytes,
+        timeout=settings.body_timeout,
     )
+    app.add_middleware(Access, allowed_hosts=settings.allowed_hosts, token=settings.token)
+    app.add_middleware(Unexpected)
     app.include_router(api.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _add_docs(app)
 
     @app.get("/", include_in_schema=False)
+    @app.head("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html", headers=PAGE_HEADERS)
 

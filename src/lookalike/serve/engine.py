@@ -5,15 +5,17 @@ Neither the extractor (torch) nor the collection's SQLite connection may be used
 each gets one thread of its own: descriptors are computed in a single inference thread, and every read of
 the collection (SQLite, the descriptor file, the faiss index) happens in a single store thread. Requests
 wait for those threads without holding one. Decoding uploads and making thumbnails touch neither and run
-in a small pool (``decode_threads``) so a large upload does not hold up the model.
+in a small pool (``decode_threads``) so a large upload does not hold up the model. Indexed files are opened
+there only as ``files.open_indexed`` allows: inside the collection's folder, regular, unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,10 +26,11 @@ from lookalike.collection import Collection, SearchHit
 from lookalike.collection.collection import BBox
 from lookalike.collection.store import ImageRecord
 from lookalike.errors import NoReferencesError
-from lookalike.images import load_image, load_image_bytes
+from lookalike.images import load_image_bytes
 from lookalike.recognize import Prediction, Recognizer, RecognizerOptions
 from lookalike.serve.errors import ApiError
-from lookalike.serve.files import THUMBS, ThumbnailCache, media_type
+from lookalike.serve.files import THUMBS, OpenedFile, Rehashed, ThumbnailCache, media_type, open_indexed
+from lookalike.serve.params import MAX_ID
 from lookalike.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -45,9 +48,12 @@ class Engine:
         self.settings = settings
         self.recognizer = recognizer
         self.thumbnails = ThumbnailCache(collection.path / THUMBS, settings.thumb_size, settings.max_pixels)
+        # The root as it resolves when the server starts: files indexed under it are served from inside it.
+        self._root = Path(os.path.realpath(collection.root)) if collection.root is not None else None
         self._inference = ThreadPoolExecutor(1, thread_name_prefix="lookalike-inference")
         self._store = ThreadPoolExecutor(1, thread_name_prefix="lookalike-store")
         self._files = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="lookalike-files")
+        self._rehashed = Rehashed()
         self._waiting = 0  # searches queued for or in the inference thread (counted on the event loop)
 
     @classmethod
@@ -105,7 +111,8 @@ class Engine:
         return await self._run(self._files, load_image_bytes, data, name, self.settings.max_pixels)
 
     async def load(self, record: ImageRecord) -> Image.Image:
-        return await self._run(self._files, load_image, self.file(record), self.settings.max_pixels)
+        """The pixels of an indexed image, from its checked file (see ``open_file``)."""
+        return await self._run(self._files, self._load, record)
 
     async def describe(self, image: Image.Image, bbox: BBox | None = None) -> np.ndarray:
         """The raw descriptor of an image, computed in the inference thread (503 when too many wait)."""
@@ -142,7 +149,7 @@ class Engine:
 
     async def record(self, image_id: int) -> ImageRecord:
         """The indexed image with this id; 404 when there is none (or it failed to index)."""
-        record = (await self.records([image_id])).get(image_id)
+        record = (await self.records([image_id])).get(image_id) if 1 <= image_id <= MAX_ID else None
         if record is None or record.status != "ok":
             raise ApiError(404, "unknown image", f"no indexed image has id {image_id}")
         return record
@@ -159,12 +166,56 @@ class Engine:
         """Where an indexed image is on disk: only ever a path recorded in the collection."""
         return self.collection.absolute_path(record.path)
 
-    async def media_type(self, record: ImageRecord) -> str:
-        return await self._run(self._files, media_type, self.file(record))
+    def folder(self, record: ImageRecord) -> Path:
+        """The folder an indexed file must lie in: the root, or for a file indexed outside the root (its
+        path recorded absolute, its folder resolved when it was indexed) that folder."""
+        if Path(record.path).is_absolute() or self._root is None:
+            return Path(record.path).parent
+        return self._root
+
+    async def open_file(self, record: ImageRecord) -> tuple[OpenedFile, str]:
+        """The checked, open file of an indexed image and its content type; close it (or send it with
+        ``OpenedFileResponse``). 404 or 409 when it is not the regular file that was indexed."""
+        future = self._files.submit(self._open_with_type, record)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(_close_opened)  # the request went away: nobody else will close it
+            raise
 
     async def thumbnail(self, record: ImageRecord) -> Path | bytes:
+        return await self._run(self._files, self._thumbnail, record)
+
+    def _open(self, record: ImageRecord) -> OpenedFile:
+        return open_indexed(record, self.file(record), self.folder(record), self._rehashed)
+
+    def _open_with_type(self, record: ImageRecord) -> tuple[OpenedFile, str]:
+        opened = self._open(record)
+        try:
+            return opened, media_type(opened)
+        except BaseException:
+            opened.close()
+            raise
+
+    def _load(self, record: ImageRecord) -> Image.Image:
+        opened = self._open(record)
+        try:
+            return load_image_bytes(opened.read(), opened.name, self.settings.max_pixels)
+        finally:
+            opened.close()
+
+    def _thumbnail(self, record: ImageRecord) -> Path | bytes:
         assert record.sha256 is not None
-        return await self._run(self._files, self.thumbnails.get, self.file(record), record.sha256)
+        opened = self._open(record)
+        try:
+            return self.thumbnails.get(opened, record.sha256)
+        finally:
+            opened.close()
+
+
+def _close_opened(future: Future[tuple[OpenedFile, str]]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result()[0].close()
 
 
 def _recognizer(collection: Collection, options: RecognizerOptions) -> Recognizer | None:

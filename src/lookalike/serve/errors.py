@@ -1,7 +1,9 @@
-"""Every error the API returns is JSON ``{"error": short message, "detail": specifics or null}``."""
+"""Every error the API returns is JSON ``{"error": short message, "detail": specifics or null}`` — an
+unexpected exception too: it is logged here with its traceback and answered as a bare 500."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
@@ -11,6 +13,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lookalike.errors import (
     ConfigError,
@@ -19,6 +22,8 @@ from lookalike.errors import (
     ImageTooLargeError,
     UnsupportedImageError,
 )
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(HTTPException):
@@ -68,3 +73,30 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+
+
+class Unexpected:
+    """ASGI middleware: an exception no handler answered is logged with its traceback and answered as
+    JSON 500 that says nothing of it (when the response had started, the connection is cut instead)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            log.exception("unexpected error answering %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                detail = "the server failed unexpectedly; what happened is in its log"
+                await error_response(500, "internal error", detail)(scope, receive, send)

@@ -1,5 +1,6 @@
 """Reading a search request: an uploaded image (multipart) or an indexed image id (form or JSON), plus
-``k`` and ``bbox``; and refusing request bodies larger than the upload limit before they are read whole."""
+``k`` and ``bbox``; and refusing request bodies larger than the upload limit before they are read whole,
+or slower than the body timeout."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Annotated, Any
 
+import anyio
+from fastapi import Path
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,6 +23,14 @@ from lookalike.serve.settings import MEGABYTE, ServeSettings
 
 # Room for the multipart boundaries, part headers and the small fields beside the image.
 FORM_OVERHEAD = 64 * 1024
+
+# Image ids are SQLite integers, signed 64-bit: anything outside is no id at all (422), while an id in range
+# that no image has — zero and negative ones included — is unknown (404).
+MIN_ID, MAX_ID = -(2**63), 2**63 - 1
+ID_FIELD: dict[str, Any] = {"type": "integer", "format": "int64", "minimum": MIN_ID, "maximum": MAX_ID}
+ImageId = Annotated[
+    int, Path(ge=MIN_ID, le=MAX_ID, description="An image id, as search results give it (64-bit integer).")
+]
 
 RERANK_FIELD: dict[str, Any] = {
     "type": "string",
@@ -36,7 +47,7 @@ SEARCH_REQUEST_BODY: dict[str, Any] = {
                 "type": "object",
                 "properties": {
                     "image": {"type": "string", "format": "binary", "description": "The query image."},
-                    "id": {"type": "integer", "description": "Or: an indexed image id as the query."},
+                    "id": {**ID_FIELD, "description": "Or: an indexed image id as the query."},
                     "k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 30},
                     "bbox": {"type": "string", "example": "10,20,300,400", "description": "x0,y0,x1,y1"},
                     "rerank": RERANK_FIELD,
@@ -48,7 +59,7 @@ SEARCH_REQUEST_BODY: dict[str, Any] = {
                 "type": "object",
                 "required": ["id"],
                 "properties": {
-                    "id": {"type": "integer", "description": "An indexed image id as the query."},
+                    "id": {**ID_FIELD, "description": "An indexed image id as the query."},
                     "k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 30},
                     "bbox": {
                         "oneOf": [
@@ -117,14 +128,18 @@ def parse_bbox(value: Any) -> BBox | None:
 
 
 def parse_id(value: Any) -> int | None:
+    """An image id: an integer of 64 bits (see MIN_ID), as a number or a string."""
     if value is None or value == "":
         return None
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise _invalid(f"id must be an integer, got {value!r}")
+        raise _invalid(f"id must be an integer, got {value!r:.40}")
     try:
-        return int(value)
+        image_id = int(value)
     except ValueError:
-        raise _invalid(f"id must be an integer, got {value!r}") from None
+        raise _invalid(f"id must be an integer, got {value!r:.40}") from None
+    if not MIN_ID <= image_id <= MAX_ID:
+        raise _invalid(f"id must be a 64-bit integer (at most {MAX_ID}), got {str(value)[:40]}")
+    return image_id
 
 
 async def read_search_request(
@@ -148,6 +163,8 @@ async def read_search_request(
             fields = json.loads(await request.body())
         except ValueError as exc:
             raise _invalid(f"the body is not valid JSON: {exc}") from None
+        except RecursionError:  # the parser's own depth guard: "[[[[…" nested past the recursion limit
+            raise _invalid("the body is not valid JSON: nested too deeply") from None
         if not isinstance(fields, dict):
             raise _invalid('the JSON body must be an object such as {"id": 42}')
     else:
@@ -187,14 +204,23 @@ def too_large(limit: int) -> ApiError:
     return ApiError(413, "upload too large", f"the limit is {limit / MEGABYTE:.3g} MB ({limit} bytes)")
 
 
+def too_slow(timeout: float) -> ApiError:
+    detail = f"the request body did not arrive within {timeout:g} s"
+    return ApiError(408, "request timeout", detail, {"Connection": "close"})
+
+
 class BodyLimit:
     """ASGI middleware: a request body over ``max_bytes`` gets 413 — at once when Content-Length says so,
-    else as soon as that many bytes have arrived — so an oversized upload is never held whole."""
+    else as soon as that many bytes have arrived — so an oversized upload is never held whole; a body
+    still incomplete ``timeout`` seconds after the request began gets 408, so a client trickling bytes
+    cannot hold a connection and a request's memory for ever. Once the body is complete, ``receive`` is
+    passed on untouched (a response may wait on it for the client's disconnect as long as it likes)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, upload_limit: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_limit: int, timeout: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.upload_limit = upload_limit
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -205,15 +231,23 @@ class BodyLimit:
             error = too_large(self.upload_limit)
             await error_response(error.status_code, error.error, error.detail)(scope, receive, send)
             return
-        received = 0
+        received, complete = 0, False
+        deadline = anyio.current_time() + self.timeout
 
         async def limited() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:
+                return await receive()
+            try:
+                with anyio.fail_after(max(0.0, deadline - anyio.current_time())):
+                    message = await receive()
+            except TimeoutError:
+                raise too_slow(self.timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise too_large(self.upload_limit)
+                complete = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited, send)

@@ -94,6 +94,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"description": description, "model": ErrorBody}
     for status, description in {
         404: "no indexed image has this id",
+        408: "the request body did not arrive in full within the body timeout",
         409: "recognition needs labelled images and this collection has none",
         413: "the upload is larger than the limit, or the image has more pixels than the limit",
         415: "the upload is not an image in a readable format (content is sniffed, the name is ignored)",

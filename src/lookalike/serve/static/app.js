@@ -14,6 +14,12 @@ let recognition = null; // how /api/recognize votes, or null when the collection
 async function loadInfo() {
   try {
     const response = await fetch("/api/info");
+    if (response.status === 401) {
+      // The server has an access token and this browser has not been given it yet.
+      $("collection").textContent = "";
+      showError("this server needs its access token: open this page's address with ?token=… added once");
+      return;
+    }
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const info = await response.json();
     limits = info.limits;
