@@ -20,11 +20,11 @@ import pytest
 from lookalike.collection import Collection, SyncProgress, store
 from lookalike.collection.export import CSV_COLUMNS, export_collection
 from lookalike.collection.fitting import fit_collection_pca
-from lookalike.errors import CollectionBusyError, CollectionError, SettingsMismatchError
-from lookalike.extract import DescriptorSettings, Extractor
+from lookalike.errors import CollectionBusyError, CollectionError, ConfigError, SettingsMismatchError
+from lookalike.extract import DescriptorSettings, Extractor, resolve_descriptor
 from lookalike.images import load_image
 from lookalike.whitening import Whitening
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, require_weights
 from tests.corpus import (
     SAMPLE_PHOTOS,
     copy_sample,
@@ -228,8 +228,48 @@ def test_query_expansion_equals_expanding_over_every_stored_descriptor(indexed: 
     assert [h.score for h in hits] != pytest.approx([h.score for h in indexed.search(query, k=5)], abs=1e-4)
     folder_hits = indexed.search_vectors(query[None], k=5, rerank="aqe")[0]
     assert [h.id for h in folder_hits] == [h.id for h in hits]
-    with pytest.raises(CollectionError, match="rerank"):
-        indexed.search(query, rerank="dba")
+    with pytest.raises(ConfigError, match="unknown re-ranker 'sv'"):
+        indexed.search(query, rerank="sv")
+
+
+def test_an_indexed_query_never_expands_with_itself(indexed: Collection) -> None:
+    """By id, by unchanged file, or as one of a folder of query files: the query's own entry is skipped,
+    as in evaluation (lookalike.rerank's convention)."""
+    from lookalike.rerank import alpha_query_expansion
+
+    ids, raw = indexed.raw_vectors()
+    database = indexed.prepare(raw)
+    cat = indexed.record("cat.jpg")
+    row = int(np.flatnonzero(ids == cat.id)[0])
+    expanded = alpha_query_expansion(database[row][None], database, exclude=np.array([row]))[0]
+    expected = np.argsort(-(database @ expanded), kind="stable")[:4]
+    by_id = indexed.search(cat.id, k=4, rerank="aqe")
+    assert [h.id for h in by_id] == [int(ids[i]) for i in expected]
+    assert [h.score for h in by_id] == pytest.approx(list((database @ expanded)[expected]), abs=1e-5)
+    by_file = indexed.search(indexed.root / "cat.jpg", k=4, rerank="aqe")
+    assert [h.id for h in by_file] == [h.id for h in by_id]
+    [in_folder] = indexed.search_files([indexed.root / "cat.jpg"], k=4, rerank="aqe")
+    assert [h.id for h in in_folder.hits] == [h.id for h in by_id]
+    # a bare descriptor has no identity: its indexed copy is a neighbour like any other
+    counted = alpha_query_expansion(database[row][None], database)[0]
+    as_vector = indexed.search_vectors(raw[row][None], k=4, rerank="aqe")[0]
+    assert [h.score for h in as_vector] == pytest.approx(
+        list(np.sort(database @ counted)[::-1][:4]), abs=1e-5
+    )
+
+
+def test_dba_then_aqe_over_the_collection_equals_the_formula(indexed: Collection) -> None:
+    from lookalike.rerank import alpha_query_expansion, database_side_augmentation, parse_chain
+
+    ids, raw = indexed.raw_vectors()
+    augmented = database_side_augmentation(indexed.prepare(raw), n=3)
+    query = indexed.extractor.describe(load_image(SAMPLE / "cat-crop-flip.jpg").rotate(8))
+    expanded = alpha_query_expansion(indexed.prepare(query[None]), augmented)[0]
+    expected = np.argsort(-(augmented @ expanded), kind="stable")[:5]
+    for chain in ("dba:n=3,aqe", parse_chain("dba:n=3+aqe")):
+        hits = indexed.search(query, k=5, rerank=chain)
+        assert [h.id for h in hits] == [int(ids[i]) for i in expected]
+        assert [h.score for h in hits] == pytest.approx(list((augmented @ expanded)[expected]), abs=1e-5)
 
 
 def test_a_bbox_crops_an_image_query(indexed: Collection) -> None:
@@ -387,6 +427,34 @@ def test_other_settings_are_refused_until_rebuild(fresh: Collection) -> None:
         assert rebuilt.settings["imsize"] == 160
         assert not (path / "vectors.f32").exists()
         assert rebuilt.sync(root).indexed == len(NAMES)
+
+
+def test_a_mismatched_model_is_refused_before_any_weights_load(
+    fresh: Collection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_weights("efficientnet-lite0.imagenet")
+    path = fresh.path
+    fresh.close()
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr("lookalike.network.load_weights", no_loading)
+    other = DescriptorSettings(model="efficientnet-lite0.imagenet", imsize=128)
+    with pytest.raises(SettingsMismatchError, match="model: 'resnet50.keras-imagenet' ≠ 'efficientnet"):
+        Collection.open_or_create(path, other)
+
+
+def test_resolving_settings_agrees_with_the_built_network() -> None:
+    for model in ("resnet50.keras-imagenet", "efficientnet-lite0.imagenet"):
+        require_weights(model)
+        for pooling, gem_p in (("gem", None), ("gem", 2.7), ("rmac", None), ("mac", None)):
+            settings = DescriptorSettings(
+                model=model, pooling=pooling, gem_p=gem_p, imsize=64, scales=(1, 0.5)
+            )
+            resolved, built = resolve_descriptor(settings), Extractor(settings)
+            assert (resolved.dim, resolved.scale_power) == (built.dim, built.scale_power)
+            assert resolved.weights_sha256 == built.resolved.weights_sha256
 
 
 def test_settings_and_schema_version_are_recorded(indexed: Collection) -> None:

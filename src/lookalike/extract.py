@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from lookalike.cpu import keep_heap
-from lookalike.errors import ConfigError, ImageError
+from lookalike.errors import ConfigError, ImageError, WeightsError
 from lookalike.images import (
     DEFAULT_MAX_PIXELS,
     crop_bbox,
@@ -30,6 +30,7 @@ from lookalike.pooling import gem_power
 from lookalike.precision import resolve_precision
 from lookalike.registry import DEFAULT_MODEL, ModelConfig, get_model_config
 from lookalike.transforms import to_tensor
+from lookalike.weights import weights_head
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,46 @@ class DescriptorSettings:
             raise ConfigError(f"scales must be positive, got {self.scales}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+
+@dataclass(frozen=True)
+class ResolvedDescriptor:
+    """A descriptor's identity resolved once from its settings, the registry and the cached weights' header,
+    without building the network: what every part that must agree on it (collections, the extractor,
+    evaluation) reads. ``gem_p`` is the exponent GeM uses (None for other poolings); ``scale_power`` how the
+    scales combine."""
+
+    settings: DescriptorSettings
+    config: ModelConfig
+    weights_sha256: str
+    pooling: str
+    gem_p: float | None
+    scale_power: float
+    dim: int
+
+    def identity(self) -> dict[str, object]:
+        """What makes two descriptors comparable, as a collection records it (``gem_p`` as requested)."""
+        s = self.settings
+        return {"model": s.model, "weights_sha256": self.weights_sha256, "pooling": self.pooling,
+                "gem_p": s.gem_p, "imsize": s.imsize, "scales": list(s.scales), "dim": self.dim}  # fmt: skip
+
+
+def _same_p(a: float | None, b: float | None) -> bool:
+    return a == b if a is None or b is None else math.isclose(a, b, rel_tol=1e-6)
+
+
+def resolve_descriptor(settings: DescriptorSettings) -> ResolvedDescriptor:
+    """Resolve ``settings`` (weights pulled into the cache when needed, but not loaded)."""
+    config = get_model_config(settings.model)
+    head = weights_head(config)
+    pooling = settings.pooling or config.pooling
+    gem_p = None
+    if pooling == "gem":
+        gem_p = next(p for p in (settings.gem_p, head.gem_p, config.gem_p) if p is not None)
+    whiten_layer = config.learned_whitening
+    dim = head.whiten_dim if whiten_layer and head.whiten_dim else config.feature_dim
+    power = scale_combination_power(pooling, gem_p or 1.0, whiten_layer)
+    return ResolvedDescriptor(settings, config, head.sha256, pooling, gem_p, power, dim)
 
 
 @dataclass
@@ -110,15 +151,20 @@ class Extractor:
     ) -> None:
         self.settings = settings or DescriptorSettings()
         keep_heap()
-        self.config: ModelConfig = get_model_config(self.settings.model)
+        self.resolved = resolve_descriptor(self.settings)
+        self.config: ModelConfig = self.resolved.config
         self.max_pixels = max_pixels
-        pooling = self.settings.pooling or self.config.pooling  # resolved by DescriptorSettings already
-        reference = build_descriptor_net(self.config, pooling, self.settings.gem_p)
+        reference = build_descriptor_net(self.config, self.resolved.pooling, self.settings.gem_p)
+        built_p, resolved_p = gem_power(reference.pool), self.resolved.gem_p
+        if reference.dim != self.resolved.dim or not _same_p(built_p, resolved_p):
+            raise WeightsError(
+                f"{self.config.name}: the network built ({reference.dim}-D, p {gem_power(reference.pool)}) differs "
+                f"from the registry's description ({self.resolved.dim}-D, p {self.resolved.gem_p})"
+            )
         self.precision: Precision = resolve_precision(reference, self.config, self.settings.precision)
         self.net = InferenceNet(reference, self.precision)
         self.reference_net = reference
-        p = gem_power(reference.pool) or 1.0
-        self.scale_power = scale_combination_power(pooling, p, reference.whiten is not None)
+        self.scale_power = self.resolved.scale_power
 
     @property
     def dim(self) -> int:

@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -261,6 +261,33 @@ def load_weights(config: ModelConfig, auto_pull: bool = True) -> StateDict:
 def weights_sha256(config: ModelConfig) -> str:
     """The sha256 of the source artefact the cached weights came from (identifies the weights)."""
     return cached_metadata(config)["source_sha256"]
+
+
+@dataclass(frozen=True)
+class WeightsHead:
+    """What the descriptor head takes from the cached weights, read without loading the network."""
+
+    sha256: str
+    gem_p: float | None  # a trained GeM exponent stored with the weights
+    whiten_dim: int | None  # output size of a stored end-to-end whitening layer
+
+
+def weights_head(config: ModelConfig, auto_pull: bool = True) -> WeightsHead:
+    """The identity and head parameters of ``config``'s cached weights (pulled first when needed), from the
+    safetensors header and two small tensors: no backbone weight is read."""
+    from safetensors import safe_open
+
+    path = pull(config) if auto_pull else cache_path(config)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata, names = dict(handle.metadata() or {}), set(handle.keys())
+            p = float(handle.get_tensor("pool.p").reshape(-1)[0]) if "pool.p" in names else None
+            dim = int(handle.get_slice("whiten.weight").get_shape()[0]) if "whiten.weight" in names else None
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"{path}: unreadable cached weights ({exc}); pull again with --force") from exc
+    if "source_sha256" not in metadata:
+        raise WeightsError(f"{path}: cached weights without their source's sha256; pull again with --force")
+    return WeightsHead(metadata["source_sha256"], p, dim)
 
 
 def load_into(module: torch.nn.Module, state: StateDict, what: str) -> None:

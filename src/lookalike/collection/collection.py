@@ -39,7 +39,7 @@ from lookalike.errors import (
     DamagedCollectionError,
     SettingsMismatchError,
 )
-from lookalike.extract import DescriptorSettings, Extractor
+from lookalike.extract import DescriptorSettings, Extractor, resolve_descriptor
 from lookalike.walk import canonical_path
 from lookalike.whitening import Whitening, load_whitening, save_whitening
 
@@ -75,21 +75,6 @@ class CollectionInfo:
     distinct_contents: int
     whitening: str | None
     disk_bytes: int
-
-
-def descriptor_identity(settings: DescriptorSettings, extractor: Extractor) -> dict[str, Any]:
-    """What makes two descriptors comparable: model and its weights, pooling, p, size, scales, dimension."""
-    from lookalike.weights import weights_sha256
-
-    return {
-        "model": settings.model,
-        "weights_sha256": weights_sha256(extractor.config),
-        "pooling": settings.pooling,
-        "gem_p": settings.gem_p,
-        "imsize": settings.imsize,
-        "scales": list(settings.scales),
-        "dim": extractor.dim,
-    }
 
 
 def mismatch_message(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
@@ -130,6 +115,7 @@ class Collection:
                 raise store.storage_error(exc, database) from exc
             raise
         self._extractor: Extractor | None = None
+        self._requested: DescriptorSettings | None = None  # as asked for (precision included), when known
         self._index: faiss.Index | None = None
         self._index_key: tuple[int, str | None] | None = None
         self._whitening: Whitening | None = None
@@ -158,9 +144,8 @@ class Collection:
         if (path / DATABASE).exists():
             raise CollectionError(f"{path} already holds a collection; open it, or remove it to start over")
         settings = settings or DescriptorSettings()
-        extractor = Extractor(settings)
+        identity = resolve_descriptor(settings).identity()
         path.mkdir(parents=True, exist_ok=True)
-        identity = descriptor_identity(settings, extractor)
         root_text = str(Path(root).resolve()) if root is not None else None
         # Built under another name and renamed into place: a run killed half-way leaves no database.
         with write_lock(path):
@@ -180,7 +165,7 @@ class Collection:
             recovery.write_mirror(path, initial)
             os.replace(building, path / DATABASE)
         collection = cls(path, readonly=False)
-        collection._extractor = extractor
+        collection._requested = settings
         return collection
 
     @classmethod
@@ -229,12 +214,12 @@ class Collection:
         return collection
 
     def check_settings(self, settings: DescriptorSettings) -> None:
-        extractor = Extractor(settings)
-        wanted = descriptor_identity(settings, extractor)
+        """Refuse settings whose descriptors would differ from the stored ones, before any weights load."""
+        wanted = resolve_descriptor(settings).identity()
         stored = {key: self._settings.get(key) for key in IDENTITY_KEYS}
         if stored != wanted:
             raise SettingsMismatchError(mismatch_message(stored, wanted))
-        self._extractor = extractor
+        self._requested = settings
 
     def close(self) -> None:
         self.db.close()
@@ -275,13 +260,11 @@ class Collection:
     def extractor(self) -> Extractor:
         """The descriptor extractor of this collection's settings (built on first use)."""
         if self._extractor is None:
-            self._extractor = Extractor(self.descriptor_settings)
-            stored = self._settings.get("weights_sha256")
-            current = descriptor_identity(self.descriptor_settings, self._extractor)["weights_sha256"]
-            if stored != current:
-                raise SettingsMismatchError(
-                    mismatch_message(self._settings, {**self._settings, "weights_sha256": current})
-                )
+            extractor = Extractor(self._requested or self.descriptor_settings)
+            current = extractor.resolved.identity()
+            if current["weights_sha256"] != self._settings.get("weights_sha256"):
+                raise SettingsMismatchError(mismatch_message(self._settings, {**self._settings, **current}))
+            self._extractor = extractor
         return self._extractor
 
     def _write_settings(self, values: dict[str, Any]) -> None:
@@ -556,17 +539,22 @@ class Collection:
         return syncing.add(self, paths, progress, commit_every)
 
     def search(
-        self, query: Query, k: int = 30, bbox: BBox | None = None, rerank: str = "none"
+        self, query: Query, k: int = 30, bbox: BBox | None = None, rerank: str | Chain = "none"
     ) -> list[SearchHit]:
-        """The ``k`` most similar indexed images to an image, a file, an image id or a raw descriptor;
-        ``rerank="aqe"`` re-ranks by α-weighted query expansion (an indexed query counts itself first)."""
+        """The ``k`` most similar indexed images to an image, a file, an image id or a raw descriptor,
+        re-ranked by the chain ``rerank`` (text such as ``"dba,aqe"`` or a parsed :class:`Chain`; an
+        indexed query never counts among its own neighbours, see :mod:`lookalike.rerank`)."""
         return querying.search(self, query, k, bbox, rerank)
 
-    def search_files(self, paths: Sequence[str | Path], k: int = 30, rerank: str = "none") -> list[FileHits]:
+    def search_files(
+        self, paths: Sequence[str | Path], k: int = 30, rerank: str | Chain = "none"
+    ) -> list[FileHits]:
         """Hits for many query files at once, in order; an unreadable file comes back with its ``error``."""
         return querying.search_each(self, paths, k, rerank)
 
-    def search_vectors(self, raw: np.ndarray, k: int = 30, rerank: str = "none") -> list[list[SearchHit]]:
+    def search_vectors(
+        self, raw: np.ndarray, k: int = 30, rerank: str | Chain = "none"
+    ) -> list[list[SearchHit]]:
         """Hits for each raw descriptor row of ``raw`` (Q, D)."""
         return querying.search_vectors(self, raw, k, rerank)
 
