@@ -90,6 +90,11 @@ def ran(
     chains: dict[str, list[tuple[str, ...]]] = {
         "search file": [("search", cat, "-c", c, "--json", "-k", "3")],
         "search aqe": [("search", cat, "-c", c, "--json", "-k", "3", "--rerank", "aqe")],
+        "search chain": [("search", cat, "-c", c, "--json", "-k", "3", "--rerank", "dba,aqe:n=1")],
+        "search folder chain": [
+            ("search", str(queries), "-c", c, "--json", "-k", "2", "--rerank", "dba+aqe")
+        ],
+        "search bad chain": [("search", cat, "-c", c, "--rerank", "aqe:m=1")],
         "search folder": [("search", str(queries), "-c", c, "--json", "-k", "2")],
         "search id": [("search", f"id:{cat_id}", "-c", c, "--json", "-k", "3")],
         "search bad id": [("search", "id:cat", "-c", c)],
@@ -171,6 +176,29 @@ def test_search_with_query_expansion(ran: Ran) -> None:
     plain, expanded = hits_of(ran["search file"][0]), hits_of(ran["search aqe"][0])
     assert [h["path"] for h in expanded[:2]] == ["cat.jpg", "cat-crop-flip.jpg"]
     assert expanded[0]["score"] < plain[0]["score"]  # the expanded query is no longer the photo itself
+
+
+def test_search_with_a_chain_of_rerankers(ran: Ran, collection: Path, photos: Path, cat_id: int) -> None:
+    """`--rerank dba,aqe:n=1` gives what the library gives for the same chain: cat.jpg is indexed and
+    unchanged, so it is that image, never its own neighbour; its copy in the query folder is not indexed,
+    so it is a new photo with the same descriptor (the `+` spelling is accepted too)."""
+    with Collection.open(collection, readonly=True) as opened:
+        expected = opened.search(photos / "cat.jpg", k=3, rerank="dba,aqe:n=1")
+        copy = opened.search_vectors(opened.vectors_of([cat_id]), k=2, rerank="dba,aqe")[0]
+    hits = hits_of(ran["search chain"][0])
+    assert [(h["id"], h["path"]) for h in hits] == [(h.id, h.path) for h in expected]
+    assert [h["score"] for h in hits] == pytest.approx([h.score for h in expected], abs=1e-6)
+    assert hits[0]["path"] == "cat.jpg"
+    of_copy = [h for h in hits_of(ran["search folder chain"][0]) if Path(h["query"]).name == "a cat.jpg"]
+    assert [h["id"] for h in of_copy] == [h.id for h in copy]
+    assert [h["score"] for h in of_copy] == pytest.approx([h.score for h in copy], abs=1e-4)
+
+
+def test_search_with_a_bad_chain_is_a_usage_error(ran: Ran) -> None:
+    [result] = ran["search bad chain"]
+    assert result.returncode == 2, result.stderr
+    assert "no option 'm'" in result.stderr and "aqe:n=2,alpha=3.0" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_search_by_id_matches_search_by_file(ran: Ran, cat_id: int) -> None:

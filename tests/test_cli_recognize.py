@@ -15,6 +15,7 @@ from lookalike.errors import ConfigError
 from lookalike.recognize import Prediction
 from lookalike.recognize.service import Recognizer, folder_label, read_labels, should_whiten
 from tests.conftest import LABELLED_CLASSES, json_lines, run_cli, succeeded
+from tests.test_cli import TERMINAL
 
 pytestmark = pytest.mark.weights
 
@@ -39,6 +40,16 @@ def test_recognize_names_the_class_and_its_neighbours(labelled: dict[str, Path])
         assert record["confidence"] == pytest.approx(
             sum(n["similarity"] for n in neighbours if n["label"] == name), abs=1e-4
         )
+
+
+def test_piped_recognize_prints_json_lines_and_a_terminal_a_table(labelled: dict[str, Path]) -> None:
+    query = str(labelled["queries"] / "cat.jpg")
+    args = ("recognize", query, "-c", str(labelled["collection"]))
+    piped = succeeded(run_cli(*args)).stdout
+    assert piped == succeeded(run_cli(*args, "--json")).stdout
+    assert json_lines(piped)[0]["label"] == "cat"
+    table = succeeded(run_cli(*args, env=TERMINAL)).stdout
+    assert "supporting neighbours" in table and "cat/" in table and "{" not in table
 
 
 @pytest.mark.parametrize(

@@ -441,7 +441,7 @@ def test_a_mismatched_model_is_refused_before_any_weights_load(
 
     monkeypatch.setattr("lookalike.network.load_weights", no_loading)
     other = DescriptorSettings(model="efficientnet-lite0.imagenet", imsize=128)
-    with pytest.raises(SettingsMismatchError, match="model: 'resnet50.keras-imagenet' ≠ 'efficientnet"):
+    with pytest.raises(SettingsMismatchError, match=r"model: 'resnet50\.keras-imagenet' ≠ 'efficientnet"):
         Collection.open_or_create(path, other)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +15,14 @@ from PIL import Image
 from lookalike.errors import ConfigError
 from lookalike.evaluate import protocols
 from lookalike.evaluate.extraction import POOLINGS, extract_variants, multiscale_power
-from lookalike.evaluate.run import Variant, all_variants, evaluate
+from lookalike.evaluate.run import Variant, all_variants, evaluate, variant_vectors
 from lookalike.extract import MULTI_SCALES, DescriptorSettings, Extractor
 from lookalike.images import load_image
 from lookalike.network import build_descriptor_net
 from lookalike.pooling import build_pooling
 from lookalike.registry import get_model_config
-from tests.conftest import SAMPLE, SHARED_DATA, require_weights
+from tests.conftest import SAMPLE, SHARED_DATA, json_lines, require_weights, run_cli, succeeded
+from tests.test_cli import TERMINAL
 
 UKBENCH = SHARED_DATA / "ukbench-sample"
 HOLIDAYS = SHARED_DATA / "holidays-sample"
@@ -93,6 +96,23 @@ def test_variant_extraction_equals_the_extractor_and_the_eager_network(extractor
 
 
 @pytest.mark.weights
+def test_multiscale_gem_on_an_rmac_model_is_what_indexing_with_pooling_gem_gives(real_photos) -> None:
+    """Issue 12: evaluation combined GeM's scales with power 1 (the R-MAC default's rule), indexing with p."""
+    require_weights("resnet50.keras-imagenet")
+    settings = DescriptorSettings(imsize=160, scales=MULTI_SCALES, precision="fp32")
+    evaluation = Extractor(settings)  # the model's own pooling, as evaluate() builds it
+    assert evaluation.settings.pooling == "rmac"
+    indexing = Extractor(replace(settings, pooling="gem"))  # `index --pooling gem --scales ms`
+    assert multiscale_power("gem", evaluation) == indexing.scale_power == 3.0
+    assert multiscale_power("rmac", evaluation) == multiscale_power("mac", indexing) == 1.0
+    paths = real_photos[:3]
+    extracted = extract_variants(evaluation, paths, use_cache=False)
+    multi = variant_vectors(extracted, Variant("gem", multiscale=True), evaluation)
+    for index, path in enumerate(paths):
+        np.testing.assert_allclose(multi[index], indexing.describe(load_image(path)), atol=1e-4)
+
+
+@pytest.mark.weights
 def test_evaluate_on_real_samples_and_cache_reuse(monkeypatch) -> None:
     require_weights("resnet50.keras-imagenet")
     if not UKBENCH.exists():
@@ -123,12 +143,29 @@ def test_evaluate_on_real_samples_and_cache_reuse(monkeypatch) -> None:
     by_variant = {r.variant: r.map for r in results}
     assert [r.map for r in alone] == pytest.approx([by_variant[v] for v in single], abs=1e-6)
 
-    reranked = [Variant("rmac", False, "none", r) for r in ("aqe", "dba", "dba+aqe")]
+    reranked = [Variant("rmac", False, "none", r) for r in ("aqe", "dba", "dba,aqe")]
     for result in evaluate(evalset, "resnet50.keras-imagenet", reranked, 256, "fp32"):
         assert result.variant.label.startswith("rmac/ss/none/")
         assert result.map > 0.9  # expanding with true neighbours keeps the groups on top
     with pytest.raises(ConfigError, match="rerank"):
         Variant("rmac", False, "none", "diffusion")
+
+
+@pytest.mark.weights
+def test_evaluate_retrieval_from_the_command_line(tmp_path) -> None:
+    """One JSON line per variant when piped (and in --out), a table in a terminal."""
+    require_weights("resnet50.keras-imagenet")
+    if not UKBENCH.exists():
+        pytest.skip("shared ukbench sample missing")
+    out = tmp_path / "ukbench.json"
+    args = ("evaluate", "retrieval", "ukbench", "--data", str(UKBENCH), "--pooling", "gem")
+    args += ("--scales", "single", "--scales", "ms", "--imsize", "128", "--precision", "fp32")
+    rows = json_lines(succeeded(run_cli(*args, "-o", str(out))).stdout)
+    assert [r["variant"] for r in rows] == ["gem/ss/none", "gem/ms/none"]
+    assert rows == json.loads(out.read_text())
+    assert all(r["protocol"] == "ukbench" and r["ukbench_ns"] > 3.0 for r in rows)
+    table = succeeded(run_cli(*args, env=TERMINAL)).stdout  # the descriptors are cached now
+    assert "gem/ms/none" in table and "N-S" in table and "{" not in table
 
 
 @pytest.mark.weights

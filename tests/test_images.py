@@ -346,7 +346,7 @@ def test_open_failures_are_named_even_as_root(
     def failing_open(*args: object, **kwargs: object) -> None:
         raise error
 
-    monkeypatch.setattr("lookalike.images.open", failing_open, raising=False)
+    monkeypatch.setattr("lookalike.images.os.open", failing_open)
     path = tmp_path / "photo.jpg"
     with pytest.raises(ImageError, match=words) as caught:
         load_image(path)

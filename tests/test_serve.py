@@ -148,7 +148,45 @@ def test_search_with_query_expansion(client: TestClient, photos: Path, ids: dict
     assert expanded["results"][0]["score"] < plain["results"][0]["score"]
     by_id = client.post("/api/search", json={"id": ids["cat.jpg"], "rerank": "aqe", "k": 3})
     assert by_id.status_code == 200 and by_id.json()["results"][0]["name"] == "cat.jpg"
-    assert_error(upload(client, photo, rerank="dba"), 422, "invalid parameter")
+
+
+def test_search_with_a_chain_of_rerankers(
+    client: TestClient, photos: Path, collection_dir: Path, ids: dict[str, int]
+) -> None:
+    """The chain is the CLI's (`--rerank dba,aqe`), answered as the collection answers it, echoed in its
+    canonical spelling. An upload has no identity: its indexed copy counts as a neighbour."""
+    photo = (photos / "ukbench00000.jpg").read_bytes()
+    chained = upload(client, photo, "ukbench00000.jpg", rerank="dba + aqe:n=3", k="4").json()
+    assert chained["rerank"] == "dba,aqe:n=3"
+    with Collection.open(collection_dir, readonly=True) as collection:
+        raw = collection.vectors_of([ids["ukbench00000.jpg"]])
+        expected = collection.search_vectors(raw, k=4, rerank="dba,aqe:n=3")[0]
+    assert [h["id"] for h in chained["results"]] == [h.id for h in expected]
+    described = pytest.approx([h.score for h in expected], abs=1e-3)  # the upload, described afresh
+    assert [h["score"] for h in chained["results"]] == described
+    as_json = client.post("/api/search", json={"id": expected[0].id, "rerank": "dba,aqe", "k": 2})
+    assert as_json.status_code == 200 and as_json.json()["rerank"] == "dba,aqe"
+
+
+@pytest.mark.parametrize(
+    ("rerank", "detail"),
+    [
+        ("sv", "unknown re-ranker 'sv'; the registered ones are aqe:n=2,alpha=3.0, dba:n=2,alpha=3.0"),
+        ("aqe:n=0", "aqe needs n from 1 to 1000"),
+        ("aqe:m=2", "aqe has no option 'm'"),
+        ("dba,,aqe", "empty stage"),
+        ("none,aqe", "stands alone"),
+        ("aqe," * 100, "rerank must be a chain"),
+        (["aqe"], "rerank must be a chain"),
+        (3, "rerank must be a chain"),
+    ],
+)
+def test_a_bad_chain_is_422(client: TestClient, ids: dict[str, int], rerank: object, detail: str) -> None:
+    body = assert_error(client.post("/api/search", json={"id": ids["cat.jpg"], "rerank": rerank}), 422)
+    assert body["error"] == "invalid parameter" and detail in body["detail"]
+    if isinstance(rerank, str):
+        form = client.post("/api/search", data={"id": str(ids["cat.jpg"]), "rerank": rerank})
+        assert detail in assert_error(form, 422, "invalid parameter")["detail"]
 
 
 def test_k_is_between_1_and_100(client: TestClient, ids: dict[str, int], photos: Path) -> None:
@@ -328,11 +366,44 @@ def test_openapi_and_docs_are_served_from_here(client: TestClient) -> None:
         "multipart/form-data",
         "application/json",
     }
+    assert search_k_schemas(schema) == [{"type": "integer", "minimum": 1, "maximum": 100, "default": 30}] * 2
+    for media in ("multipart/form-data", "application/json"):
+        rerank = schema["paths"]["/api/search"]["post"]["requestBody"]["content"][media]["schema"]
+        rerank = rerank["properties"]["rerank"]
+        assert rerank["type"] == "string" and rerank["default"] == "none" and "dba,aqe" in rerank["examples"]
+        assert "aqe (n=2, alpha=3.0): α-weighted query expansion" in rerank["description"]
+        assert "dba (n=2, alpha=3.0): database-side augmentation" in rerank["description"]
+        recognize = schema["paths"]["/api/recognize"]["post"]["requestBody"]["content"][media]["schema"]
+        assert {"k", "rerank"}.isdisjoint(recognize["properties"])
+    description = schema["components"]["schemas"]["SearchResponse"]["properties"]["rerank"]["description"]
+    assert "aqe, dba" in description
     docs = client.get("/docs")
     assert docs.status_code == 200
     assert not re.search(r"(src|href)=\"(https?:)?//", docs.text)
     for asset in re.findall(r"(?:src|href)=\"(/docs/assets/[^\"]+)\"", docs.text):
         assert client.get(asset).status_code == 200
+
+
+def search_k_schemas(schema: dict) -> list[dict]:
+    content = schema["paths"]["/api/search"]["post"]["requestBody"]["content"]
+    return [
+        content[media]["schema"]["properties"]["k"] for media in ("multipart/form-data", "application/json")
+    ]
+
+
+def test_k_limits_come_from_the_server_settings(collection_dir: Path, ids: dict[str, int]) -> None:
+    """The schema and the answers follow ServeSettings(default_k, max_k), not constants."""
+    settings = ServeSettings(default_k=3, max_k=5)
+    with TestClient(create_app(collection_dir, settings)) as small:
+        schema = small.get("/openapi.json").json()
+        assert search_k_schemas(schema) == [{"type": "integer", "minimum": 1, "maximum": 5, "default": 3}] * 2
+        assert "`k` (default 3, at most 5)" in schema["paths"]["/api/search"]["post"]["description"]
+        cat = ids["cat.jpg"]
+        assert len(small.post("/api/search", json={"id": cat}).json()["results"]) == 3
+        assert len(small.post("/api/search", json={"id": cat, "k": 5}).json()["results"]) == 5
+        detail = assert_error(small.post("/api/search", json={"id": cat, "k": 6}), 422)["detail"]
+        assert "from 1 to 5" in detail
+        assert small.get("/api/info").json()["limits"]["max_k"] == 5
 
 
 def test_page_and_its_files_load_nothing_from_elsewhere(client: TestClient) -> None:

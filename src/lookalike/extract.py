@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -139,6 +140,20 @@ def combine_scales(vectors: np.ndarray, power: float) -> np.ndarray:
     else:
         combined = np.power(np.power(np.clip(vectors, 0, None), power).mean(axis=0), 1.0 / power)
     return (combined / max(np.linalg.norm(combined), 1e-12)).astype(np.float32)
+
+
+class Describer(Protocol):
+    """What turns images into descriptors for a collection: the in-process :class:`Extractor` today; a pool
+    of Ray workers or an ONNX model are other implementations of the same four members."""
+
+    resolved: ResolvedDescriptor
+
+    @property
+    def dim(self) -> int: ...
+
+    def describe(self, image: Image.Image, bbox: BBox | None = None) -> np.ndarray: ...
+
+    def describe_files(self, paths: Iterable[str | Path]) -> Iterator[FileDescriptor]: ...
 
 
 class Extractor:

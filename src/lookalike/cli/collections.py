@@ -13,9 +13,11 @@ from lookalike.cli.common import console, errors, print_json, progress_bar, repo
 from lookalike.cli.describe import parse_scales
 from lookalike.collection import Collection, SyncProgress, SyncReport
 from lookalike.collection.export import export_collection
-from lookalike.collection.fitting import fit_collection_pca, fit_learned_from_folder
+from lookalike.collection.fitting import fit_collection_pca_choice, fit_learned_from_folder
+from lookalike.collection.sync import DEFAULT_COMMIT_EVERY
 from lookalike.errors import ConfigError
 from lookalike.extract import DescriptorSettings
+from lookalike.rerank import parse_chain, registry_help
 from lookalike.walk import walk_images
 
 DEFAULT_COLLECTION = ".lookalike"
@@ -79,7 +81,7 @@ def index(
         None, "--collection", "-c", help="Collection folder (default: FOLDER/.lookalike)."
     ),
     model: str = typer.Option(
-        None, "--model", "-m", help="Registry name (default: resnet50.keras-imagenet)."
+        None, "--model", "-m", help=f"Registry name (default: {DescriptorSettings.model})."
     ),
     pooling: str = typer.Option(
         None, "--pooling", help="mac, spoc, rmac or gem (default: the model's own, see `models list`)."
@@ -88,14 +90,18 @@ def index(
         None, "--whiten", help="none, pca (fit on this collection) or learned (see `whiten fit`)."
     ),
     scales: str = typer.Option(None, "--scales", help="single, ms, seed-ms or a list (default: single)."),
-    imsize: int = typer.Option(None, "--imsize", help="Long side cap (default: 1024)."),
+    imsize: int = typer.Option(
+        None, "--imsize", help=f"Long side cap (default: {DescriptorSettings.imsize})."
+    ),
     precision: str = typer.Option(
-        "auto", "--precision", help="auto, fp32 or bf16 (speed only; not a setting)."
+        DescriptorSettings.precision, "--precision", help="auto, fp32 or bf16 (speed only; not a setting)."
     ),
     rebuild: bool = typer.Option(
         False, "--rebuild", help="Discard the collection and index again with these settings."
     ),
-    commit_every: int = typer.Option(64, "--commit-every", help="Images per durable commit."),
+    commit_every: int = typer.Option(
+        DEFAULT_COMMIT_EVERY, "--commit-every", help="Images per durable commit."
+    ),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -112,7 +118,10 @@ def index(
         with Collection.open_or_create(path, settings, root=folder, rebuild=rebuild) as opened:
             report = _sync_with_progress(opened, folder, commit_every, wants_progress(quiet, as_json))
             if whiten == "pca":
-                opened.set_whitening(fit_collection_pca(opened))
+                fitted, choice = fit_collection_pca_choice(opened)
+                opened.set_whitening(fitted)
+                if not (quiet or as_json):
+                    console.print(f"pca whitening {choice.summary()}", highlight=False)
             elif whiten == "none" and opened.whitening is not None:
                 opened.set_whitening(None)
             if as_json:
@@ -163,21 +172,28 @@ def search(
     k: int = typer.Option(30, "-k", "--top", help="How many results."),
     bbox: str = typer.Option(None, "--bbox", help="Crop the query to x0,y0,x1,y1 first."),
     rerank: str = typer.Option(
-        "none", "--rerank", help="none, or aqe: search again with the query expanded by its first neighbours."
+        "none",
+        "--rerank",
+        help="Re-rankers applied left to right, comma-separated, options after a colon: none, aqe, "
+        f"dba,aqe or aqe:n=5,alpha=1 (an indexed query is never its own neighbour). {registry_help()}",
     ),
     as_json: bool = JSON,
 ) -> None:
     """The most similar indexed images: a table in a terminal, JSON lines when piped or with --json."""
+    try:
+        chain = parse_chain(rerank)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--rerank") from None
     with reported_errors(), Collection.open(collection_path(collection), readonly=True) as opened:
         target = Path(query)
         if target.is_dir():
-            results = opened.search_files(list(walk_images(target)), k, rerank)
+            results = opened.search_files(list(walk_images(target)), k, chain)
             queries = [(str(r.path), r.hits) for r in results if r.error is None]
             for skipped in (r for r in results if r.error is not None):
                 errors.print(f"[yellow]skipped[/] {skipped.path}: {skipped.error}", highlight=False)
         else:
             key: int | str = parse_id(query) if query.startswith("id:") else query
-            queries = [(query, opened.search(key, k, parse_bbox(bbox), rerank))]
+            queries = [(query, opened.search(key, k, parse_bbox(bbox), chain))]
         as_lines = as_json or not console.is_terminal
         for name, hits in queries:
             if as_lines:
@@ -249,19 +265,28 @@ def whiten_fit(
     labelled: Path = typer.Option(
         None, "--labelled", help="Labelled folder (class = sub-folder): learned whitening."
     ),
-    dim: int = typer.Option(None, "--dim", help="Keep this many dimensions."),
+    dim: int = typer.Option(
+        None, "--dim", help="Keep this many dimensions (PCA: at most images − 1; default all of those)."
+    ),
+    shrinkage: float = typer.Option(
+        None,
+        "--shrinkage",
+        help="PCA: shrink eigenvalues towards their mean, 0 (plain) to 1 (none); default: chosen from the "
+        "number of images, at most one whitened direction per 100 images.",
+    ),
 ) -> None:
     """PCA-whitening fitted on the collection itself, or learned whitening from a labelled folder's pairs."""
     with reported_errors(), Collection.open(collection_path(collection)) as opened:
-        fitted = (
-            fit_learned_from_folder(opened, str(labelled), dim)
-            if labelled
-            else fit_collection_pca(opened, dim)
-        )
+        if labelled:
+            if shrinkage is not None:
+                raise ConfigError("--shrinkage is for PCA-whitening, not learned whitening (--labelled)")
+            fitted = fit_learned_from_folder(opened, str(labelled), dim)
+            described = f"{fitted.input_dim} → {fitted.dim}"
+        else:
+            fitted, choice = fit_collection_pca_choice(opened, dim, shrinkage)
+            described = choice.summary()
         opened.set_whitening(fitted)
-    console.print(
-        f"{fitted.kind} whitening {fitted.input_dim} → {fitted.dim} applied to {opened.path}", highlight=False
-    )
+    console.print(f"{fitted.kind} whitening {described}; applied to {opened.path}", highlight=False)
 
 
 @whiten_app.command("remove")

@@ -1,4 +1,5 @@
-"""What every command shares: consoles, error display, progress bars that stay quiet in scripts."""
+"""What every command shares: consoles, error display, progress bars that stay quiet in scripts, and the
+rule that a table is for a terminal only (:func:`lines_wanted`)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,12 @@ def reported_errors() -> Iterator[None]:
 
 def print_json(record: Any) -> None:
     sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def lines_wanted(as_json: bool) -> bool:
+    """Whether a command prints JSON lines (one record per row) instead of a table: with ``--json``, or
+    when stdout is not a terminal (a pipe, a file), where a table would wrap its cells across lines."""
+    return as_json or not console.is_terminal
 
 
 def configure_logging(verbose: bool) -> None:

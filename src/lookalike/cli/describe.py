@@ -10,24 +10,18 @@ import typer
 from rich.table import Table
 
 from lookalike.atomic import save_npz_atomic
-from lookalike.cli.common import console, errors, print_json, progress_bar, reported_errors, wants_progress
-from lookalike.extract import MULTI_SCALES, SEED_MULTI_SCALES, DescriptorSettings, Extractor
-from lookalike.registry import DEFAULT_MODEL
+from lookalike.cli.common import (
+    console,
+    errors,
+    lines_wanted,
+    print_json,
+    progress_bar,
+    reported_errors,
+    wants_progress,
+)
+from lookalike.cli.options import IMSIZE, MODEL, POOLING, PRECISION, SCALES, parse_scales
+from lookalike.extract import DescriptorSettings, Extractor
 from lookalike.walk import expand_inputs
-
-NAMED_SCALES = {"single": (1.0,), "ms": MULTI_SCALES, "seed-ms": SEED_MULTI_SCALES}
-
-
-def parse_scales(text: str) -> tuple[float, ...]:
-    """``single``, ``ms`` (1, 1/√2, 1/2), ``seed-ms`` (1, √2, 1/√2) or a comma list like ``1,0.707,0.5``."""
-    if text in NAMED_SCALES:
-        return NAMED_SCALES[text]
-    try:
-        return tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise typer.BadParameter(
-            f"scales must be {', '.join(NAMED_SCALES)} or numbers like 1,0.707"
-        ) from None
 
 
 def settings_from_options(
@@ -36,17 +30,6 @@ def settings_from_options(
     return DescriptorSettings(
         model=model, pooling=pooling, scales=parse_scales(scales), imsize=imsize, precision=precision
     )
-
-
-MODEL = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Registry name, see `lookalike models list`.")
-POOLING = typer.Option(
-    None, "--pooling", help="mac, spoc, rmac or gem (default: the model's own, see `models list`)."
-)
-SCALES = typer.Option("single", "--scales", help="single, ms (1,1/√2,1/2), seed-ms (1,√2,1/√2) or a list.")
-IMSIZE = typer.Option(1024, "--imsize", help="Long side cap in pixels; smaller images are not upscaled.")
-PRECISION = typer.Option(
-    "auto", "--precision", help="auto (bf16 where the CPU has it and it agrees), fp32, bf16."
-)
 
 
 def describe(
@@ -109,14 +92,14 @@ def classify(
     image: Path = typer.Argument(..., help="An image file."),
     model: str = MODEL,
     top: int = typer.Option(5, "--top", "-k"),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON line (what a pipe gets)."),
 ) -> None:
     """ImageNet top-k labels of an image: a quick proof that a model's weights are loaded right."""
     from lookalike.classify import classify_image
 
     with reported_errors():
         predictions = classify_image(image, model, top)
-    if as_json:
+    if lines_wanted(as_json):
         print_json({"image": str(image), "model": model, "top": predictions})
         return
     table = Table(title=f"{image.name} — {model}")

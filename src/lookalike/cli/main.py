@@ -24,7 +24,7 @@ app.command("remove")(collections.remove)
 app.command("export")(collections.export)
 app.command("check")(check.check)
 app.add_typer(collections.whiten_app, name="whiten")
-app.command("evaluate")(evaluate.evaluate_command)
+app.add_typer(evaluate.app, name="evaluate")
 app.command("system")(system.system)
 app.command("serve")(serve.serve)
 

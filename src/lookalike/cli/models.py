@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from lookalike.cli.common import console, print_json, reported_errors, wants_progress
+from lookalike.cli.common import console, lines_wanted, print_json, reported_errors, wants_progress
 from lookalike.registry import get_model_config, list_models
 from lookalike.weights import cache_path, pull
 
@@ -13,10 +13,13 @@ app = typer.Typer(help="List, pull and inspect pretrained models.", no_args_is_h
 
 
 @app.command("list")
-def list_command(as_json: bool = typer.Option(False, "--json", help="One JSON object per model.")) -> None:
-    """Every registered model: architecture, preprocessing, dimension, licence, sources, cache state."""
+def list_command(
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per model (what a pipe gets)."),
+) -> None:
+    """Every registered model: architecture, preprocessing, dimension, licence, sources, cache state (a
+    table in a terminal, one JSON line per model when piped or with --json)."""
     configs = list_models()
-    if as_json:
+    if lines_wanted(as_json):
         for config in configs:
             print_json(
                 {

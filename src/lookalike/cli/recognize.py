@@ -8,52 +8,25 @@ import typer
 from rich.table import Table
 
 from lookalike.cli.collections import COLLECTION, JSON, collection_path, parse_bbox, parse_id
-from lookalike.cli.common import console, print_json, reported_errors
+from lookalike.cli.common import console, lines_wanted, print_json, reported_errors
+from lookalike.cli.options import recognition_options
 from lookalike.collection import Collection
-from lookalike.recognize.knn import METHODS, TRANSFORMS, Prediction
-from lookalike.recognize.service import (
-    DEFAULT_ALPHA,
-    DEFAULT_K,
-    DEFAULT_METHOD,
-    DEFAULT_TRANSFORM,
-    Recognizer,
-    RecognizerOptions,
-)
-
-METHOD = typer.Option(DEFAULT_METHOD, "--method", help=f"Voting rule, one of: {', '.join(METHODS)}.")
-K = typer.Option(DEFAULT_K, "-k", min=1, help="Neighbours that vote (1-NN uses 1).")
-TRANSFORM = typer.Option(
-    DEFAULT_TRANSFORM, "--transform", help=f"Similarity transform, one of: {', '.join(TRANSFORMS)}."
-)
-ALPHA = typer.Option(
-    None, "--alpha", help=f"Expansion distance of --method alpha (default: {DEFAULT_ALPHA})."
-)
-WHITEN = typer.Option(
-    "auto",
-    "--whiten",
-    help="PCA-whiten with the references: auto (when there are at least as many as dimensions), on, off.",
-)
-LABELS = typer.Option(
-    None, "--labels", help="CSV of path,label (default: the first folder below the collection root)."
-)
+from lookalike.recognize.knn import Prediction
+from lookalike.recognize.service import Recognizer, RecognizerOptions
 
 
+@recognition_options
 def recognize(
     images: list[str] = typer.Argument(..., help="Image files, indexed paths or id:N (one answer each)."),
     collection: Path = COLLECTION,
-    method: str = METHOD,
-    k: int = K,
-    transform: str = TRANSFORM,
-    alpha: float = ALPHA,
-    labels: Path = LABELS,
-    whiten: str = WHITEN,
+    recognition: RecognizerOptions = RecognizerOptions(),
     bbox: str = typer.Option(None, "--bbox", help="Crop the query to x0,y0,x1,y1 first."),
     as_json: bool = JSON,
 ) -> None:
     """Recognise images: label, confidence and the labelled neighbours that support it (JSON lines when
     piped or with --json)."""
     with reported_errors(), Collection.open(collection_path(collection), readonly=True) as opened:
-        recognizer = RecognizerOptions(method, k, transform, alpha, labels, whiten).build(opened)
+        recognizer = recognition.build(opened)
         for image in images:
             query: int | str = parse_id(image) if image.startswith("id:") else image
             show(image, recognizer, recognizer.recognize(query, parse_bbox(bbox)), as_json)
@@ -70,7 +43,7 @@ def show(image: str, recognizer: Recognizer, prediction: Prediction, as_json: bo
         }
         for rank, n in enumerate(prediction.neighbours, start=1)
     ]
-    if as_json or not console.is_terminal:
+    if lines_wanted(as_json):
         print_json(
             {
                 "query": image,

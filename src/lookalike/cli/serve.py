@@ -16,10 +16,12 @@ import typer
 
 from lookalike.cli.collections import COLLECTION, collection_path
 from lookalike.cli.common import console, errors, fail, reported_errors
-from lookalike.cli.recognize import ALPHA, LABELS, METHOD, TRANSFORM, WHITEN, K
-from lookalike.images import DEFAULT_MAX_PIXELS
+from lookalike.cli.options import recognition_options
+from lookalike.recognize.service import RecognizerOptions
+from lookalike.serve.settings import MEGABYTE, TOKEN_ADVICE, ServeSettings
 
 
+@recognition_options
 def serve(
     collection: Path = COLLECTION,
     host: str = typer.Option(
@@ -29,17 +31,18 @@ def serve(
     ),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
     max_upload_mb: float = typer.Option(
-        20.0, "--max-upload-mb", min=0.001, help="Largest upload accepted, in MB (1 MB = 2^20 bytes)."
+        ServeSettings.max_upload_bytes / MEGABYTE,
+        "--max-upload-mb",
+        min=0.001,
+        help="Largest upload accepted, in MB (1 MB = 2^20 bytes).",
     ),
     max_pixels: int = typer.Option(
-        DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Largest image accepted, in pixels (width × height)."
+        ServeSettings.max_pixels,
+        "--max-pixels",
+        min=1,
+        help="Largest image accepted, in pixels (width × height).",
     ),
-    method: str = METHOD,
-    k: int = K,
-    transform: str = TRANSFORM,
-    alpha: float = ALPHA,
-    labels: Path = LABELS,
-    whiten: str = WHITEN,
+    recognition: RecognizerOptions = RecognizerOptions(),
     token: str | None = typer.Option(
         None,
         "--token",
@@ -58,20 +61,21 @@ def serve(
         "network); repeat for several. Other Host headers get 421.",
     ),
     body_timeout: float = typer.Option(
-        30.0, "--body-timeout", min=0.1, help="Seconds an upload may take to arrive; slower ones get 408."
+        ServeSettings.body_timeout,
+        "--body-timeout",
+        min=0.1,
+        help="Seconds an upload may take to arrive; slower ones get 408.",
     ),
 ) -> None:
-    """Serve a web page and a REST API: upload an image, see the 30 most similar and, when the collection has
-    labelled images (one folder per class, or --labels), what it shows. Ctrl+C stops.
+    """Serve a web page and a REST API: upload an image, see the most similar ones and, when the collection
+    has labelled images (one folder per class, or --labels), what it shows. Ctrl+C stops.
 
     Only requests whose Host header names this server are answered (the listening address; localhost,
     127.0.0.1 and [::1] on loopback; any --allowed-host). Listening beyond loopback without --token (or
     LOOKALIKE_TOKEN) is refused: the command exits with an error instead of serving the photos to anyone."""
     import uvicorn
 
-    from lookalike.recognize import RecognizerOptions
-    from lookalike.serve import ServeSettings, create_app
-    from lookalike.serve.settings import MEGABYTE, TOKEN_ADVICE
+    from lookalike.serve import create_app
 
     if not _loopback(host) and not token:
         raise fail(
@@ -87,7 +91,6 @@ def serve(
             allowed_hosts=(*allowed_hosts, host) if host not in WILDCARDS else tuple(allowed_hosts),
             token=token or None,
         )
-        recognition = RecognizerOptions(method, k, transform, alpha, labels, whiten)
         app = create_app(path, settings, recognition)
     address = f"[{host}]" if ":" in host else host
     console.print(

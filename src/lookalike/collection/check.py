@@ -19,18 +19,20 @@ restored, so a search never ranks a wrong or zero descriptor. It says what it di
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lookalike.collection import ann, store
-from lookalike.collection.collection import DATABASE, INDEX, INDEX_META, WHITENING, Collection
-from lookalike.collection.recovery import SETTINGS_MIRROR, rebuild_database
+from lookalike.collection import ann, recovery, store
+from lookalike.collection.collection import DATABASE, INDEX, INDEX_META, VECTORS, WHITENING, Collection
+from lookalike.collection.recovery import SETTINGS_MIRROR
 from lookalike.collection.sync import usable_descriptor
-from lookalike.collection.vectors import row_checksums
+from lookalike.collection.vectors import VectorFile, row_checksums
 from lookalike.errors import CollectionError, LookalikeError
 from lookalike.images import sha256_of_file
 
@@ -77,7 +79,7 @@ def check_collection(path: str | Path, repair: bool = False) -> CheckReport:
         action = None
         if repair:
             try:
-                action = rebuild_database(path, _takes_back)
+                action = rebuild_database(path)
             except LookalikeError as exc:
                 problem += f"; not rebuilt: {exc}"
         report.findings.append(
@@ -100,10 +102,6 @@ _REBUILD_ADVICE = (
     ". `lookalike check -c {path} --repair` rebuilds it from settings.json, rows.sha256 and the files; where "
     "those are gone, index the folder again (`lookalike index ROOT -c {path} --rebuild`)"
 )
-
-
-def _takes_back(vector: np.ndarray) -> bool:
-    return _row_problem(vector, 0, None) is None
 
 
 def database_problem(database: Path) -> str | None:
@@ -298,7 +296,7 @@ def index_problems(collection: Collection) -> list[str]:
     problem = ann.index_problem(collection.path / INDEX, meta, collection._index_dim())
     if problem is not None:
         return [problem]
-    index = ann.load_index(collection.path / INDEX)
+    index = ann.load_index(collection.path / INDEX, collection.index_spec)
     ids, raw = collection.raw_vectors()
     if index.ntotal != len(ids):
         return [f"it holds {index.ntotal} descriptors, the collection {len(ids)}"]
@@ -316,12 +314,12 @@ def _read_meta(path: Path) -> dict | None:
     return meta
 
 
-def _sample_disagreements(index: object, ids: np.ndarray, xb: np.ndarray) -> list[str]:
+def _sample_disagreements(index: ann.VectorIndex, ids: np.ndarray, xb: np.ndarray) -> list[str]:
     if not len(ids):
         return []
     rng = np.random.default_rng(0)
     sample = rng.choice(len(ids), min(SAMPLE_SEARCHES, len(ids)), replace=False)
-    scores, found = ann.search(index, xb[sample], 1)  # type: ignore[arg-type]
+    scores, found = ann.search(index, xb[sample], 1)
     own = np.einsum("ij,ij->i", xb[sample], xb[sample])
     wrong = int(np.sum(np.abs(scores[:, 0] - own) > 1e-4))
     missing = int(np.sum(~np.isin(found[:, 0], ids)))
@@ -372,3 +370,67 @@ def _check_files(collection: Collection, report: CheckReport) -> None:
                 Finding("files", f"{len(names)} indexed files are {kind} since indexing ({shown}); "
                         "`lookalike index` brings the collection up to date", damage=False)
             )  # fmt: skip
+
+
+# -- a lost database ---------------------------------------------------------------------------------------
+
+
+def rebuild_database(path: Path) -> str:
+    """Replace a lost or damaged database from the mirror, the row hashes and the files under the root
+    (see :mod:`lookalike.collection.recovery`). Returns what was done; raises CollectionError when there is
+    nothing to rebuild from."""
+    mirrored = recovery.read_mirror(path)
+    if mirrored is None or not mirrored.get("root"):
+        raise CollectionError(
+            f"{path}/{recovery.SETTINGS_MIRROR} is missing or unreadable: nothing to rebuild from"
+        )
+    aside = _move_aside(path, DATABASE)
+    for derived in (INDEX, INDEX_META):
+        (path / derived).unlink(missing_ok=True)
+    vectors = VectorFile(path / VECTORS, int(mirrored["dim"]))
+    hashes = recovery.RowHashes(path / recovery.ROW_HASHES).read()[: vectors.row_count()]
+    connection = store.connect(path / DATABASE)
+    try:
+        store.migrate(connection)
+        with store.transaction(connection):
+            store.write_settings(
+                connection,
+                {**mirrored, "vector_rows": vectors.row_count(), "generation": 0, "whitening": None},
+            )
+            taken = _take_back_rows(connection, vectors, hashes)
+    finally:
+        connection.close()
+    with Collection.open(path) as collection:
+        report = collection.sync(commit_every=2**62)  # one commit: taken-back rows no file names yet stay
+        if mirrored.get("whitening") and (path / "whitening.npz").exists():
+            collection._write_settings({"whitening": mirrored["whitening"]})
+    return (
+        f"database rebuilt (the damaged one kept as {aside.name}): {taken} descriptors taken back by content "
+        f"hash, {report.indexed} images described again, {len(report.failed)} unreadable; image ids are new"
+    )
+
+
+def _take_back_rows(connection: sqlite3.Connection, vectors: VectorFile, hashes: list[str]) -> int:
+    latest: dict[str, int] = {}
+    for row, sha in enumerate(hashes):
+        if sha != "00" * recovery.HASH_BYTES:
+            latest[sha] = row  # a content indexed again after removal: its newest row
+    if not latest:
+        return 0
+    rows = np.array(sorted(latest.values()), dtype=np.int64)
+    stored = vectors.read(rows)
+    taken = 0
+    for row, vector, crc in zip(rows.tolist(), stored, row_checksums(stored), strict=True):
+        if _row_problem(vector, 0, None) is None:
+            store.add_content(connection, row, hashes[row], crc)
+            taken += 1
+    return taken
+
+
+def _move_aside(path: Path, name: str) -> Path:
+    aside = path / f"{name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    for suffix in ("", "-wal", "-shm"):
+        source = path / f"{name}{suffix}"
+        if source.exists():
+            os.replace(source, Path(f"{aside}{suffix}"))
+    return aside

@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from lookalike.atomic import atomic_write
@@ -40,6 +39,7 @@ from lookalike.errors import (
     SettingsMismatchError,
 )
 from lookalike.extract import DescriptorSettings, Extractor, resolve_descriptor
+from lookalike.rerank import Chain
 from lookalike.walk import canonical_path
 from lookalike.whitening import Whitening, load_whitening, save_whitening
 
@@ -116,7 +116,7 @@ class Collection:
             raise
         self._extractor: Extractor | None = None
         self._requested: DescriptorSettings | None = None  # as asked for (precision included), when known
-        self._index: faiss.Index | None = None
+        self._index: ann.VectorIndex | None = None
         self._index_key: tuple[int, str | None] | None = None
         self._whitening: Whitening | None = None
         self._whitening_stamp: tuple[int, int, int] | None = None
@@ -158,7 +158,8 @@ class Collection:
                 Path(f"{building}{leftover}").unlink(missing_ok=True)
             connection = store.connect(building)
             store.migrate(connection)
-            initial = {**identity, "root": root_text, "vector_rows": 0, "generation": 0, "whitening": None}
+            initial = {**identity, "root": root_text, "vector_rows": 0, "generation": 0, "whitening": None,
+                       "index": ann.IndexSpec().record()}  # fmt: skip
             with store.transaction(connection):
                 store.write_settings(connection, initial)
             connection.close()
@@ -439,7 +440,7 @@ class Collection:
         whitening = self.whitening
         return whitening.apply(raw) if whitening is not None else np.asarray(raw, dtype=np.float32)
 
-    def index(self) -> faiss.Index:
+    def index(self) -> ann.VectorIndex:
         """The faiss index of the current generation: loaded from disk when fresh and intact, else rebuilt
         from the descriptors (and saved when writable). A damaged index file is never used."""
         self.refresh_settings()
@@ -454,22 +455,30 @@ class Collection:
         self._index, self._index_key = index, key
         return index
 
-    def build_index(self) -> faiss.Index:
+    @property
+    def index_spec(self) -> ann.IndexSpec:
+        """The index type and parameters this collection records (exact flat unless told otherwise)."""
+        return ann.IndexSpec.from_record(self._settings.get("index", ann.IndexSpec().record()))
+
+    def build_index(self) -> ann.VectorIndex:
         """A new index of every indexed image's (whitened) descriptor."""
         ids, raw = self.raw_vectors()
-        return ann.build_index(self.prepare(raw) if len(raw) else raw.reshape(0, self._index_dim()), ids)
+        xb = self.prepare(raw) if len(raw) else raw.reshape(0, self._index_dim())
+        return ann.build_index(xb, ids, self.index_spec)
 
-    def _saved_index(self, key: tuple[int, str | None]) -> faiss.Index | None:
+    def _saved_index(self, key: tuple[int, str | None]) -> ann.VectorIndex | None:
         """The saved index if it was built from this generation and is intact (checksum, count, dimension)."""
         try:
             meta = json.loads((self.path / INDEX_META).read_text())
-            if (meta["generation"], meta["whitening"]) != key:
+            if (meta["generation"], meta["whitening"]) != key or meta.get(
+                "type", "flat"
+            ) != self.index_spec.type:
                 return None
             problem = ann.index_problem(self.path / INDEX, meta, self._index_dim())
         except (OSError, ValueError, KeyError, TypeError):
             return None
         if problem is None:
-            index = ann.load_index(self.path / INDEX)
+            index = ann.load_index(self.path / INDEX, self.index_spec)
             with self._storage():
                 indexed = store.counts(self.db)["ok"]
             if index.ntotal == indexed:
@@ -478,7 +487,7 @@ class Collection:
         log.warning("%s: %s; the index is rebuilt from the descriptors", self.path / INDEX, problem)
         return None
 
-    def _save_index(self, index: faiss.Index, key: tuple[int, str | None]) -> None:
+    def _save_index(self, index: ann.VectorIndex, key: tuple[int, str | None]) -> None:
         try:
             digest = ann.save_index(index, self.path / INDEX)
             with atomic_write(self.path / INDEX_META, "w") as handle:

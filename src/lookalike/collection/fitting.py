@@ -7,20 +7,42 @@ import numpy as np
 from lookalike.collection.collection import Collection
 from lookalike.errors import WhiteningError
 from lookalike.evaluate.datasets import labelled_folder
-from lookalike.whitening import Whitening, fit_learned_whitening, fit_pca_whitening
+from lookalike.whitening import (
+    MIN_PCA_SAMPLES,
+    PcaChoice,
+    Whitening,
+    fit_chosen_pca_whitening,
+    fit_learned_whitening,
+)
 
 MAX_PAIRS_PER_CLASS = 200
 
 
-def fit_collection_pca(collection: Collection, dim: int | None = None) -> Whitening:
-    """PCA-whitening fitted on the collection's own raw descriptors (as the seed thesis does).
+def fit_collection_pca(
+    collection: Collection, dim: int | None = None, shrinkage: float | None = None
+) -> Whitening:
+    """PCA-whitening fitted on the collection's own raw descriptors; :func:`fit_collection_pca_choice`
+    without the explanation."""
+    return fit_collection_pca_choice(collection, dim, shrinkage)[0]
 
-    Without ``dim``, at most N − 1 components are kept: N descriptors vary in no more directions than that.
+
+def fit_collection_pca_choice(
+    collection: Collection, dim: int | None = None, shrinkage: float | None = None
+) -> tuple[Whitening, PcaChoice]:
+    """PCA-whitening fitted on the collection's own raw descriptors, and how it was chosen.
+
+    The collection is then searched in that whitening, so it is fitted on the very images it is applied to:
+    :func:`~lookalike.whitening.choose_pca` keeps every direction they vary in (``min(D, N − 1)``) and
+    shrinks the eigenvalues so that at most one direction per ten images is whitened — plain
+    PCA-whitening of N ≤ D images would put every image at −1/(N − 1) from every other. ``dim`` and
+    ``shrinkage`` override the choice; a ``dim`` the images cannot support is refused.
     """
     _, raw = collection.raw_vectors()
-    if len(raw) < 2:
-        raise WhiteningError(f"PCA-whitening needs at least 2 indexed images, the collection has {len(raw)}")
-    return fit_pca_whitening(np.asarray(raw, np.float32), dim=dim or min(raw.shape[1], len(raw) - 1))
+    if len(raw) < MIN_PCA_SAMPLES:
+        raise WhiteningError(
+            f"PCA-whitening needs at least {MIN_PCA_SAMPLES} indexed images, the collection has {len(raw)}"
+        )
+    return fit_chosen_pca_whitening(np.asarray(raw, np.float32), dim=dim, shrinkage=shrinkage)
 
 
 def same_class_pairs(

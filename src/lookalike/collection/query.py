@@ -1,4 +1,5 @@
-"""Searching a collection by image, file, indexed image or descriptor."""
+"""Searching a collection by image, file, indexed image or descriptor, re-ranked by a chain from
+:mod:`lookalike.rerank` (its convention: an indexed query never counts among its own neighbours)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,9 @@ from PIL import Image
 from lookalike.collection import ann
 from lookalike.errors import CollectionError
 from lookalike.images import load_image
-from lookalike.rerank import DEFAULT_N, expand_with
+from lookalike.rerank import NONE, Chain, parse_chain
 
 if TYPE_CHECKING:
-    import faiss
-
     from lookalike.collection.collection import Collection, SearchHit
 
 Query = np.ndarray | Image.Image | int | str | Path
@@ -25,11 +24,19 @@ BBox = tuple[float, float, float, float]
 
 
 def query_vector(collection: Collection, query: Query, bbox: BBox | None = None) -> np.ndarray:
-    """The raw ``(D,)`` descriptor of a query.
+    """The raw ``(D,)`` descriptor of a query (see :func:`resolve_query`)."""
+    return resolve_query(collection, query, bbox)[0]
+
+
+def resolve_query(
+    collection: Collection, query: Query, bbox: BBox | None = None
+) -> tuple[np.ndarray, int | None]:
+    """The raw ``(D,)`` descriptor of a query, and its image id when the query *is* an indexed image.
 
     An ``int`` is an indexed image id; a path that is indexed and unchanged reuses its stored descriptor
     (unless a ``bbox`` asks for a crop, then the file is described cropped); any other file or a PIL image
-    is described now. A descriptor cannot be cropped: a ``bbox`` with one is an error.
+    is described now. A descriptor cannot be cropped: a ``bbox`` with one is an error. A crop, a changed
+    file, a PIL image or a descriptor is no indexed image (id None).
     """
     if isinstance(query, np.ndarray):
         if bbox is not None:
@@ -39,26 +46,34 @@ def query_vector(collection: Collection, query: Query, bbox: BBox | None = None)
             raise CollectionError(
                 f"query descriptor has dimension {vector.shape[0]}, the collection {collection.dim}"
             )
-        return vector
+        return vector, None
     if isinstance(query, bool):
         raise CollectionError("a query is an image, a path, an image id or a descriptor")
     if isinstance(query, (int, np.integer)):
         query = int(query)
         if bbox is None:
-            return collection.vector(query)
+            return collection.vector(query), query
         record = collection.records([query]).get(query)
         if record is None:
             raise CollectionError(f"image {query} is not in {collection.path}")
         query = collection.absolute_path(record.path)
     if isinstance(query, Image.Image):
-        return collection.extractor.describe(query.convert("RGB"), bbox=bbox)
+        return collection.extractor.describe(query.convert("RGB"), bbox=bbox), None
     path = Path(query)
     record = collection.record(path)
     if record is not None and record.row is not None and bbox is None and _unchanged(collection, record):
-        return collection.vector(record.id)
+        return collection.vector(record.id), record.id
     if not path.exists() and record is not None:
         path = collection.absolute_path(record.path)
-    return collection.extractor.describe(load_image(path), bbox=bbox)
+    return collection.extractor.describe(load_image(path), bbox=bbox), None
+
+
+def _indexed_id(collection: Collection, path: Path) -> int:
+    """The image id of a file that is indexed and unchanged since, else −1."""
+    record = collection.record(path)
+    if record is not None and record.row is not None and _unchanged(collection, record):
+        return record.id
+    return -1
 
 
 def _unchanged(collection: Collection, record) -> bool:
@@ -69,30 +84,62 @@ def _unchanged(collection: Collection, record) -> bool:
     return (stat.st_size, stat.st_mtime_ns) == (record.size, record.mtime_ns)
 
 
-QUERY_RERANKINGS = ("none", "aqe")
+class IndexedVectors:
+    """A collection's index as the :class:`lookalike.rerank.Database` re-rankers search: ids are image ids,
+    vectors are the indexed (whitened) descriptors."""
+
+    def __init__(self, collection: Collection, index: ann.VectorIndex) -> None:
+        self.collection = collection
+        self.index = index
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return ann.search(self.index, xq, k)
+
+    def vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, np.int64)
+        found = ids >= 0
+        out = np.zeros((*ids.shape, self.dim), np.float32)
+        if found.any():
+            out[found] = self.collection.prepare(self.collection.vectors_of([int(i) for i in ids[found]]))
+        return out
+
+    def vectors(self) -> tuple[np.ndarray, np.ndarray]:
+        ids, raw = self.collection.raw_vectors()
+        return ids, self.collection.prepare(raw)
 
 
 def search_vectors(
-    collection: Collection, raw: np.ndarray, k: int = 30, rerank: str = "none"
+    collection: Collection, raw: np.ndarray, k: int = 30, rerank: str | Chain = NONE
 ) -> list[list[SearchHit]]:
-    """Top-``k`` hits for each raw descriptor row of ``raw`` (Q, D); ``rerank="aqe"`` searches again
-    with each query expanded by its first neighbours (αQE, :mod:`lookalike.rerank` defaults)."""
+    """Top-``k`` hits for each raw descriptor row of ``raw`` (Q, D), re-ranked by the chain ``rerank``
+    (such as ``"dba,aqe"``; see :mod:`lookalike.rerank`). A descriptor has no identity: an indexed copy of
+    it is a neighbour like any other."""
+    return _search(collection, np.atleast_2d(raw), None, k, parse_chain(rerank))
+
+
+def _search(
+    collection: Collection, raw: np.ndarray, own: np.ndarray | None, k: int, chain: Chain
+) -> list[list[SearchHit]]:
+    """Hits per raw descriptor row; ``own`` holds each row's image id when it is an indexed image (−1 when
+    not), which re-ranking never counts among that query's neighbours."""
     from lookalike.collection.collection import SearchHit
 
     if k < 1:
         raise CollectionError("k must be at least 1")
-    if rerank not in QUERY_RERANKINGS:
-        raise CollectionError(f"rerank must be one of {', '.join(QUERY_RERANKINGS)}, got {rerank!r}")
     index = collection.index()
     if index.ntotal == 0:
-        return [[] for _ in range(len(np.atleast_2d(raw)))]
-    queries = collection.prepare(np.atleast_2d(raw))
-    if rerank == "aqe":
-        queries = _expanded(collection, index, queries)
-    scores, ids = ann.search(index, queries, k)
-    records = collection.records([int(i) for i in np.unique(ids) if i >= 0])
+        return [[] for _ in range(len(raw))]
+    ranking = chain.search(IndexedVectors(collection, index), collection.prepare(raw), k, own)
+    records = collection.records([int(i) for i in np.unique(ranking.ids) if i >= 0])
     results = []
-    for row_scores, row_ids in zip(scores, ids, strict=True):
+    for row_scores, row_ids in zip(ranking.scores, ranking.ids, strict=True):
         hits: list[SearchHit] = []
         for score, image_id in zip(row_scores, row_ids, strict=True):
             record = records.get(int(image_id))
@@ -102,19 +149,12 @@ def search_vectors(
     return results
 
 
-def _expanded(collection: Collection, index: faiss.Index, queries: np.ndarray) -> np.ndarray:
-    """αQE: each query plus its ``DEFAULT_N`` nearest indexed descriptors weighted by similarity^α."""
-    scores, ids = ann.search(index, queries, DEFAULT_N)
-    found = ids >= 0
-    neighbours = np.zeros((*ids.shape, queries.shape[1]), dtype=np.float32)
-    neighbours[found] = collection.prepare(collection.vectors_of([int(i) for i in ids[found]]))
-    return expand_with(queries, neighbours, np.where(found, scores, -np.inf))
-
-
 def search(
-    collection: Collection, query: Query, k: int = 30, bbox: BBox | None = None, rerank: str = "none"
+    collection: Collection, query: Query, k: int = 30, bbox: BBox | None = None, rerank: str | Chain = NONE
 ) -> list[SearchHit]:
-    return search_vectors(collection, query_vector(collection, query, bbox)[None], k, rerank)[0]
+    chain = parse_chain(rerank)
+    vector, own = resolve_query(collection, query, bbox)
+    return _search(collection, vector[None], np.array([-1 if own is None else own]), k, chain)[0]
 
 
 @dataclass(frozen=True)
@@ -127,12 +167,17 @@ class FileHits:
 
 
 def search_each(
-    collection: Collection, paths: Sequence[str | Path], k: int = 30, rerank: str = "none"
+    collection: Collection, paths: Sequence[str | Path], k: int = 30, rerank: str | Chain = NONE
 ) -> list[FileHits]:
-    """Hits for many query files at once, in order; an unreadable file is reported, never dropped."""
+    """Hits for many query files at once, in order; an unreadable file is reported, never dropped. A file
+    that is indexed and unchanged is that image, as in :func:`search`."""
+    chain = parse_chain(rerank)
     described = list(collection.extractor.describe_files(paths))
     vectors = [r.vector for r in described if r.vector is not None]
-    hits = iter(search_vectors(collection, np.stack(vectors), k, rerank) if vectors else [])
+    own = np.array(
+        [_indexed_id(collection, Path(r.path)) for r in described if r.vector is not None], np.int64
+    )
+    hits = iter(_search(collection, np.stack(vectors), own, k, chain) if vectors else [])
     return [
         FileHits(r.path, next(hits)) if r.vector is not None
         else FileHits(r.path, [], r.error.reason if r.error else "unreadable")

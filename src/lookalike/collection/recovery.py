@@ -7,7 +7,7 @@ Two small files beside the database, each written before the database commits wh
 - ``rows.sha256``: the 32-byte sha256 of the content each descriptor row was made from, at ``row · 32``,
   written and fsynced with the rows themselves.
 
-``rebuild_database`` moves the damaged database aside, creates a new one from ``settings.json``, takes back
+``check.rebuild_database`` moves the damaged database aside, creates a new one from ``settings.json``, takes back
 every descriptor row whose content's sha256 is known and whose vector is intact, and indexes the root again:
 files whose content has a row are matched by hash (no decoding), only the rest are described anew.
 """
@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from lookalike.atomic import atomic_write
 from lookalike.errors import CollectionError
@@ -91,70 +88,3 @@ class RowHashes:
         except OSError:
             return []
         return [data[i : i + HASH_BYTES].hex() for i in range(0, len(data) - HASH_BYTES + 1, HASH_BYTES)]
-
-
-def rebuild_database(path: Path, usable: Any) -> str:
-    """Replace a lost or damaged database from the mirror, the row hashes and the files under the root.
-
-    ``usable(vector) -> bool`` says whether a stored row can be taken back. Returns what was done; raises
-    CollectionError when there is nothing to rebuild from.
-    """
-    from lookalike.collection import store
-    from lookalike.collection.collection import DATABASE, INDEX, INDEX_META, VECTORS, Collection
-    from lookalike.collection.vectors import VectorFile, row_checksums
-
-    mirrored = read_mirror(path)
-    if mirrored is None or not mirrored.get("root"):
-        raise CollectionError(f"{path}/{SETTINGS_MIRROR} is missing or unreadable: nothing to rebuild from")
-    aside = _move_aside(path, DATABASE)
-    for derived in (INDEX, INDEX_META):
-        (path / derived).unlink(missing_ok=True)
-    vectors = VectorFile(path / VECTORS, int(mirrored["dim"]))
-    hashes = RowHashes(path / ROW_HASHES).read()[: vectors.row_count()]
-    connection = store.connect(path / DATABASE)
-    try:
-        store.migrate(connection)
-        with store.transaction(connection):
-            store.write_settings(
-                connection,
-                {**mirrored, "vector_rows": vectors.row_count(), "generation": 0, "whitening": None},
-            )
-            taken = _take_back_rows(connection, vectors, hashes, usable, row_checksums)
-    finally:
-        connection.close()
-    with Collection.open(path) as collection:
-        report = collection.sync(commit_every=2**62)  # one commit: taken-back rows no file names yet stay
-        if mirrored.get("whitening") and (path / "whitening.npz").exists():
-            collection._write_settings({"whitening": mirrored["whitening"]})
-    return (
-        f"database rebuilt (the damaged one kept as {aside.name}): {taken} descriptors taken back by content "
-        f"hash, {report.indexed} images described again, {len(report.failed)} unreadable; image ids are new"
-    )
-
-
-def _take_back_rows(connection: Any, vectors: Any, hashes: list[str], usable: Any, checksums: Any) -> int:
-    from lookalike.collection import store
-
-    latest: dict[str, int] = {}
-    for row, sha in enumerate(hashes):
-        if sha != "00" * HASH_BYTES:
-            latest[sha] = row  # a content indexed again after removal: its newest row
-    if not latest:
-        return 0
-    rows = np.array(sorted(latest.values()), dtype=np.int64)
-    stored = vectors.read(rows)
-    taken = 0
-    for row, vector, crc in zip(rows.tolist(), stored, checksums(stored), strict=True):
-        if usable(vector):
-            store.add_content(connection, row, hashes[row], crc)
-            taken += 1
-    return taken
-
-
-def _move_aside(path: Path, name: str) -> Path:
-    aside = path / f"{name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
-    for suffix in ("", "-wal", "-shm"):
-        source = path / f"{name}{suffix}"
-        if source.exists():
-            os.replace(source, Path(f"{aside}{suffix}"))
-    return aside

@@ -47,6 +47,8 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE contents ADD COLUMN crc32 INTEGER",
     # A checksum of each image record, so a record damaged on disk is an error, never another file's result.
     "ALTER TABLE images ADD COLUMN checksum INTEGER",
+    # The index type is recorded (collections made before it have the exact flat index).
+    """INSERT OR IGNORE INTO settings(key, value) VALUES ('index', '{"type": "flat", "params": {}}')""",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

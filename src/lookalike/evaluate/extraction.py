@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,10 +24,10 @@ from torch import nn
 
 from lookalike.atomic import save_npz_atomic
 from lookalike.errors import ImageError
-from lookalike.extract import BBox, Extractor, combine_scales, scale_combination_power
+from lookalike.extract import BBox, Extractor, ResolvedDescriptor, combine_scales, resolve_descriptor
 from lookalike.images import load_image
 from lookalike.network import descriptor_head
-from lookalike.pooling import build_pooling, gem_power
+from lookalike.pooling import build_pooling
 from lookalike.weights import lookalike_home, weights_sha256
 
 POOLINGS = ("mac", "spoc", "rmac", "gem")
@@ -124,9 +124,7 @@ def extract_variants(
             timing = {p: float(data[f"seconds_{p}"]) for p in poolings}
             vectors = {p: data[p] for p in poolings}
             return PerScaleDescriptors(scales, vectors, data["failed"], data["seconds_per_scale"], timing)
-    pools = {name: build_pooling(name) for name in poolings}
-    if "gem" in pools and gem_power(extractor.net.pool) is not None:
-        pools["gem"] = extractor.net.pool
+    pools = evaluation_poolings(extractor, poolings)
     vectors = {name: np.zeros((len(paths), len(scales), extractor.dim), np.float32) for name in poolings}
     failed = np.zeros(len(paths), bool)
     seconds = np.zeros(len(scales))
@@ -171,6 +169,27 @@ def prefetched(pool: ThreadPoolExecutor, work: Callable[[int], T], count: int, a
         yield result
 
 
+def evaluated_as(extractor: Extractor, pooling: str) -> ResolvedDescriptor:
+    """The descriptor identity of ``pooling`` on ``extractor``'s backbone, resolved as indexing resolves
+    ``--pooling POOLING`` (:func:`~lookalike.extract.resolve_descriptor`): its GeM p and scale power."""
+    if pooling == extractor.resolved.pooling:
+        return extractor.resolved
+    return resolve_descriptor(replace(extractor.settings, pooling=pooling))
+
+
+def evaluation_poolings(extractor: Extractor, poolings: Sequence[str] = POOLINGS) -> dict[str, nn.Module]:
+    """The pooling modules evaluation applies to ``extractor``'s feature maps, each the one indexing with
+    ``--pooling NAME`` uses: the network's own for its own pooling (a trained GeM keeps its p), else a
+    fresh module (GeM with the p that :func:`evaluated_as` resolves)."""
+    return {
+        name: extractor.net.pool
+        if name == extractor.resolved.pooling
+        else build_pooling(name, p=evaluated_as(extractor, name).gem_p)
+        for name in poolings
+    }
+
+
 def multiscale_power(pooling: str, extractor: Extractor) -> float:
-    p = gem_power(extractor.net.pool) if pooling == "gem" else None
-    return scale_combination_power(pooling, p or 1.0, extractor.net.whiten is not None)
+    """The exponent that combines ``pooling``'s per-scale descriptors: indexing's rule for the pooling
+    evaluated, not for the extractor's own (GeM's p for GeM on an R-MAC model too; 1 for the others)."""
+    return evaluated_as(extractor, pooling).scale_power

@@ -10,10 +10,10 @@ import numpy as np
 from lookalike.collection.fitting import same_class_pairs
 from lookalike.errors import ConfigError
 from lookalike.evaluate.extraction import PerScaleDescriptors, extract_variants, multiscale_power
-from lookalike.evaluate.metrics import compute_map, rank_by_similarity, revisited_protocol, ukbench_score
+from lookalike.evaluate.metrics import compute_map, revisited_protocol, ukbench_score
 from lookalike.evaluate.protocols import EvalSet
 from lookalike.extract import MULTI_SCALES, DescriptorSettings, Extractor
-from lookalike.rerank import RERANKINGS, rerank_vectors
+from lookalike.rerank import ArrayDatabase, Chain, parse_chain
 from lookalike.whitening import Whitening, fit_learned_whitening, fit_pca_whitening
 
 WHITENINGS = ("none", "pca", "learned")
@@ -25,13 +25,16 @@ class Variant:
     pooling: str = "gem"
     multiscale: bool = False
     whitening: str = "none"
-    rerank: str = "none"  # one of lookalike.rerank.RERANKINGS, with its default n and alpha
+    rerank: str | Chain = "none"  # a lookalike.rerank chain ("dba,aqe"), kept in its canonical spelling
 
     def __post_init__(self) -> None:
         if self.whitening not in WHITENINGS:
             raise ConfigError(f"whitening must be one of {', '.join(WHITENINGS)}, got {self.whitening!r}")
-        if self.rerank not in RERANKINGS:
-            raise ConfigError(f"rerank must be one of {', '.join(RERANKINGS)}, got {self.rerank!r}")
+        try:
+            canonical = str(parse_chain(self.rerank))
+        except ConfigError as exc:
+            raise ConfigError(f"rerank: {exc}") from None
+        object.__setattr__(self, "rerank", canonical)
 
     @property
     def label(self) -> str:
@@ -88,11 +91,18 @@ def fit_variant_whitening(
     return fit_learned_whitening(train, same_class_pairs(list(labels)), dim=dim)
 
 
-def score(
-    evalset: EvalSet, database: np.ndarray, queries: np.ndarray
-) -> tuple[float, dict, dict, float | None]:
-    """(mAP, mP@k, revisited E/M/H, UKBench N-S) of queries against the database."""
-    ranks = rank_by_similarity(queries @ database.T)
+def ranked(
+    queries: np.ndarray, database: np.ndarray, rerank: str | Chain = "none", own: np.ndarray | None = None
+) -> np.ndarray:
+    """Database rows ``(Q, N)`` per query, best first, after the chain ``rerank`` — the collection's
+    search, made exact and as deep as the database. ``own`` holds each query's own database row (−1:
+    none), which re-ranking never counts among that query's neighbours (DBA runs over the whole
+    database, as offline)."""
+    return parse_chain(rerank).search(ArrayDatabase(database), queries, len(database), own).ids
+
+
+def score(evalset: EvalSet, ranks: np.ndarray) -> tuple[float, dict, dict, float | None]:
+    """(mAP, mP@k, revisited E/M/H, UKBench N-S) of the rankings ``ranks`` (Q, N)."""
     if evalset.revisited:
         per_setting = revisited_protocol(ranks, evalset.gnd, KAPPAS)
         medium = per_setting["medium"]
@@ -155,8 +165,7 @@ def evaluate(
             )
             if whitening is not None:
                 database, queries = whitening.apply(database), whitening.apply(queries)
-        queries, database = rerank_vectors(queries, database, variant.rerank, query_ids=own_rows)
-        mean_map, mp, revisited, ns = score(evalset, database, queries)
+        mean_map, mp, revisited, ns = score(evalset, ranked(queries, database, variant.rerank, own_rows))
         seconds = extracted.database.seconds(variant.pooling, variant.multiscale)
         results.append(
             EvalResult(

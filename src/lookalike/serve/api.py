@@ -1,4 +1,4 @@
-"""The REST API under /api: search, images, thumbnails, info, health."""
+"""The REST API under /api: search, recognize, images, thumbnails, info, health."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from lookalike.serve.engine import Engine
 from lookalike.serve.errors import ApiError, upload_error
 from lookalike.serve.files import OpenedFileResponse
 from lookalike.serve.params import (
-    RECOGNIZE_REQUEST_BODY,
-    SEARCH_REQUEST_BODY,
     ImageId,
     SearchRequest,
     read_search_request,
+    recognize_request_body,
+    search_request_body,
 )
 from lookalike.serve.schemas import (
     ERROR_RESPONSES,
@@ -38,8 +38,9 @@ from lookalike.serve.schemas import (
     RecognizeResponse,
     SearchResponse,
 )
+from lookalike.serve.settings import ServeSettings
 
-router = APIRouter(prefix="/api", tags=["api"])
+router = APIRouter()  # the routes whose schema is the same for every server; build_router adds the rest
 
 IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"description": "no indexed image has this id, or its file is gone or refused", "model": ErrorBody},
@@ -52,42 +53,58 @@ def engine_of(request: Request) -> Engine:
     return request.app.state.engine
 
 
-@router.post(
-    "/search",
-    response_model=SearchResponse,
-    responses={s: ERROR_RESPONSES[s] for s in (404, 408, 413, 415, 422, 503)},
-    openapi_extra={"requestBody": SEARCH_REQUEST_BODY},
-    summary="The k most similar indexed images to an uploaded image or an indexed image",
-)
+def build_router(settings: ServeSettings) -> APIRouter:
+    """The REST API under /api, its OpenAPI schema made from ``settings`` (k's default and maximum) and
+    the re-ranker registry (what ``rerank`` accepts)."""
+    api = APIRouter(prefix="/api", tags=["api"])
+    api.add_api_route(
+        "/search",
+        search,
+        methods=["POST"],
+        response_model=SearchResponse,
+        responses={s: ERROR_RESPONSES[s] for s in (404, 408, 413, 415, 422, 503)},
+        openapi_extra={"requestBody": search_request_body(settings)},
+        summary="The k most similar indexed images to an uploaded image or an indexed image",
+        description=SEARCH_DESCRIPTION.format(default_k=settings.default_k, max_k=settings.max_k),
+    )
+    api.add_api_route(
+        "/recognize",
+        recognize,
+        methods=["POST"],
+        response_model=RecognizeResponse,
+        responses={s: ERROR_RESPONSES[s] for s in (404, 408, 409, 413, 415, 422, 503)},
+        openapi_extra={"requestBody": recognize_request_body(settings)},
+        summary="What an uploaded or indexed image shows, by its nearest labelled images",
+    )
+    api.include_router(router)
+    return api
+
+
+SEARCH_DESCRIPTION = """Send an image as multipart field `image`, or an indexed image's `id` (form or JSON).
+`k` (default {default_k}, at most {max_k}) results; `bbox` "x0,y0,x1,y1" crops the query first; `rerank`
+re-ranks by a chain such as "aqe" or "dba,aqe" (422 when it is not one; an indexed query never counts
+among its own neighbours). The image's content decides its format, never its name."""
+
+
 async def search(request: Request) -> SearchResponse:
-    """Send an image as multipart field `image`, or an indexed image's `id` (form or JSON). `k` (default
-    30, at most 100) results; `bbox` "x0,y0,x1,y1" crops the query first; `rerank` "aqe" re-ranks by
-    α-weighted query expansion. The image's content decides its format, never its name."""
     started = time.perf_counter()
     engine = engine_of(request)
     asked = await read_search_request(request, engine.settings)
     query, target = await _query(engine, asked)
     try:
-        hits = await engine.search(target, asked.k, asked.rerank)
+        hits = await engine.search(target, asked.k, str(asked.rerank))
     except (ImageError, ConfigError) as exc:
         raise upload_error(exc) from exc
     records = await engine.records([hit.id for hit in hits])
     return SearchResponse(
         query=query,
         k=asked.k,
-        rerank=asked.rerank,
+        rerank=str(asked.rerank),
         took_ms=round((time.perf_counter() - started) * 1000, 1),
         results=[_hit(request, hit, records.get(hit.id)) for hit in hits],
     )
 
 
-@router.post(
-    "/recognize",
-    response_model=RecognizeResponse,
-    responses={s: ERROR_RESPONSES[s] for s in (404, 408, 409, 413, 415, 422, 503)},
-    openapi_extra={"requestBody": RECOGNIZE_REQUEST_BODY},
-    summary="What an uploaded or indexed image shows, by its nearest labelled images",
-)
 async def recognize(request: Request) -> RecognizeResponse:
     """Send an image as multipart field `image`, or an indexed image's `id` (an indexed image is among the
     references, so it finds itself). `bbox` "x0,y0,x1,y1" crops the query first. The answer is the label

@@ -73,7 +73,7 @@ def create_app(
     )
     app.add_middleware(Access, allowed_hosts=settings.allowed_hosts, token=settings.token)
     app.add_middleware(Unexpected)
-    app.include_router(api.router)
+    app.include_router(api.build_router(settings))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _add_docs(app)
 

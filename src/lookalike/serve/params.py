@@ -1,12 +1,13 @@
 """Reading a search request: an uploaded image (multipart) or an indexed image id (form or JSON), plus
-``k`` and ``bbox``; and refusing request bodies larger than the upload limit before they are read whole,
+``k``, ``bbox`` and ``rerank``; the OpenAPI schema of that request, built from the server's settings and the
+re-ranker registry; and refusing request bodies larger than the upload limit before they are read whole,
 or slower than the body timeout."""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
@@ -17,12 +18,14 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lookalike.collection.collection import BBox
-from lookalike.collection.query import QUERY_RERANKINGS
+from lookalike.errors import ConfigError
+from lookalike.rerank import MAX_STAGES, NONE, Chain, parse_chain, registry_help
 from lookalike.serve.errors import ApiError, error_response
 from lookalike.serve.settings import MEGABYTE, ServeSettings
 
 # Room for the multipart boundaries, part headers and the small fields beside the image.
 FORM_OVERHEAD = 64 * 1024
+MAX_CHAIN_LENGTH = 200  # characters of a rerank chain: room for every stage with every option
 
 # Image ids are SQLite integers, signed 64-bit: anything outside is no id at all (422), while an id in range
 # that no image has — zero and negative ones included — is unknown (404).
@@ -32,59 +35,67 @@ ImageId = Annotated[
     int, Path(ge=MIN_ID, le=MAX_ID, description="An image id, as search results give it (64-bit integer).")
 ]
 
-RERANK_FIELD: dict[str, Any] = {
-    "type": "string",
-    "enum": list(QUERY_RERANKINGS),
-    "default": "none",
-    "description": "aqe: search again with the query expanded by its first neighbours (αQE)",
-}
 
-SEARCH_REQUEST_BODY: dict[str, Any] = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "properties": {
-                    "image": {"type": "string", "format": "binary", "description": "The query image."},
-                    "id": {**ID_FIELD, "description": "Or: an indexed image id as the query."},
-                    "k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 30},
-                    "bbox": {"type": "string", "example": "10,20,300,400", "description": "x0,y0,x1,y1"},
-                    "rerank": RERANK_FIELD,
-                },
-            }
-        },
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "required": ["id"],
-                "properties": {
-                    "id": {**ID_FIELD, "description": "An indexed image id as the query."},
-                    "k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 30},
-                    "bbox": {
-                        "oneOf": [
-                            {"type": "string", "example": "10,20,300,400"},
-                            {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
-                        ]
+def rerank_field() -> dict[str, Any]:
+    """The ``rerank`` parameter's schema: a chain of the registry's re-rankers, as the CLI's ``--rerank``."""
+    return {
+        "type": "string",
+        "default": NONE,
+        "maxLength": MAX_CHAIN_LENGTH,
+        "examples": [NONE, "aqe", "dba,aqe", "aqe:n=3,alpha=2"],
+        "description": "none, or re-rankers applied left to right, separated by commas, each with optional "
+        f"key=value options after a colon (at most {MAX_STAGES}). {registry_help()}",
+    }
+
+
+def search_request_body(settings: ServeSettings) -> dict[str, Any]:
+    """The OpenAPI request body of POST /api/search, its ``k`` bounds those of ``settings``."""
+    k = {"type": "integer", "minimum": 1, "maximum": settings.max_k, "default": settings.default_k}
+    rerank = rerank_field()
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image": {"type": "string", "format": "binary", "description": "The query image."},
+                        "id": {**ID_FIELD, "description": "Or: an indexed image id as the query."},
+                        "k": k,
+                        "bbox": {"type": "string", "example": "10,20,300,400", "description": "x0,y0,x1,y1"},
+                        "rerank": rerank,
                     },
-                    "rerank": RERANK_FIELD,
-                },
-            }
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["id"],
+                    "properties": {
+                        "id": {**ID_FIELD, "description": "An indexed image id as the query."},
+                        "k": k,
+                        "bbox": {
+                            "oneOf": [
+                                {"type": "string", "example": "10,20,300,400"},
+                                {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4},
+                            ]
+                        },
+                        "rerank": rerank,
+                    },
+                }
+            },
         },
-    },
-}
+    }
 
 
-def _without_search_options(body: dict[str, Any]) -> dict[str, Any]:
+def recognize_request_body(settings: ServeSettings) -> dict[str, Any]:
     """The search request body minus ``k`` and ``rerank``: the schema of POST /api/recognize."""
+    body = search_request_body(settings)
     content = {}
     for media, spec in body["content"].items():
         properties = {n: p for n, p in spec["schema"]["properties"].items() if n not in ("k", "rerank")}
         content[media] = {"schema": {**spec["schema"], "properties": properties}}
     return {**body, "content": content}
-
-
-RECOGNIZE_REQUEST_BODY = _without_search_options(SEARCH_REQUEST_BODY)
 
 
 @dataclass(frozen=True)
@@ -94,7 +105,7 @@ class SearchRequest:
     image_id: int | None
     k: int
     bbox: BBox | None
-    rerank: str = "none"
+    rerank: Chain = field(default_factory=Chain)
 
 
 def parse_k(value: Any, default: int, maximum: int) -> int:
@@ -109,6 +120,18 @@ def parse_k(value: Any, default: int, maximum: int) -> int:
     if not 1 <= k <= maximum:
         raise _invalid(f"k must be an integer from 1 to {maximum}, got {k}")
     return k
+
+
+def parse_rerank(value: Any) -> Chain:
+    """A re-ranking chain such as ``"dba,aqe"`` (see :mod:`lookalike.rerank.registry`); none when absent."""
+    if value is None or value == "":
+        return Chain()
+    if not isinstance(value, str) or len(value) > MAX_CHAIN_LENGTH:
+        raise _invalid(f"rerank must be a chain of re-rankers such as 'dba,aqe', got {value!r:.60}")
+    try:
+        return parse_chain(value)
+    except ConfigError as exc:
+        raise _invalid(f"rerank: {exc}") from None
 
 
 def parse_bbox(value: Any) -> BBox | None:
@@ -181,9 +204,7 @@ async def read_search_request(
             "k and rerank are not parameters here: the server's recognition options decide the vote"
         )
     k = parse_k(fields.get("k"), settings.default_k, settings.max_k)
-    rerank = fields.get("rerank") or "none"
-    if rerank not in QUERY_RERANKINGS:
-        raise _invalid(f"rerank must be one of {', '.join(QUERY_RERANKINGS)}, got {rerank!r}")
+    rerank = parse_rerank(fields.get("rerank"))
     return SearchRequest(image, name, image_id, k, parse_bbox(fields.get("bbox")), rerank)
 
 

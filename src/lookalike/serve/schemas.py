@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from lookalike.rerank import reranker_names
+
 
 class ErrorBody(BaseModel):
     error: str = Field(description="What went wrong, in a few words.")
@@ -36,7 +38,10 @@ class QueryInfo(BaseModel):
 class SearchResponse(BaseModel):
     query: QueryInfo
     k: int
-    rerank: str = Field(description="none, or aqe (α-weighted query expansion).")
+    rerank: str = Field(
+        description="The re-ranking chain applied, spelled canonically: none, or stages of "
+        f"{', '.join(reranker_names())} separated by commas (options that differ from the default after a colon)."
+    )
     took_ms: float = Field(description="Time spent in the server: decoding, describing, searching.")
     results: list[Hit]
 
