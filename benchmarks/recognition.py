@@ -1,6 +1,6 @@
 """Recognition on Caltech-101 with distractors: the ladder from 1-NN to the pairwise verifier.
 
-Protocols (``lookalike.recognize.protocol``): ``86.5%`` — every BACKGROUND_Google image (466) is a query,
+Protocols (``lookalike.evaluate.ladder``): ``86.5%`` — every BACKGROUND_Google image (466) is a query,
 plus 73 object images from 73 different classes (as Tini-GLD's 86.5 % distractors); ``50%`` — the same
 distractors plus 466 object queries, round-robin over the classes. References: every other object image.
 Hyper-parameters are chosen on validation folds drawn from the references only (pseudo-distractors are
@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from lookalike.cpu import cpu_info
+from lookalike.evaluate.ladder import LadderResult
 from lookalike.evaluate.protocols import CALTECH_DISTRACTOR
 from lookalike.evaluate.recognition import (
     RecognitionProtocol,
@@ -37,7 +38,7 @@ from lookalike.evaluate.recognition import (
     evaluate_recognition,
     row_record,
 )
-from lookalike.recognize.protocol import SYMBOLS, LadderResult
+from lookalike.evaluate.spaces import SYMBOLS, VerifiedSpace
 from lookalike.registry import get_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +149,8 @@ def section(report: RecognitionReport) -> str:
             r
             for r in summary
             if r.stage in ("aggregation", "similarity matrix")
-            and summary[-1].config.space.startswith(r.config.space + "|")
+            and isinstance(summary[-1].config.space, VerifiedSpace)
+            and summary[-1].config.space.base == r.config.space
         )
         unverified = base.test.gap
         target = 0.84 / 0.65
@@ -187,7 +189,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    logging.getLogger("lookalike.recognize.protocol").setLevel(logging.INFO)
+    logging.getLogger("lookalike.evaluate.ladder").setLevel(logging.INFO)
     sections, records = [], []
     for model in args.models.split(","):
         pooling = args.pooling or get_model_config(model).pooling

@@ -13,15 +13,14 @@ from lookalike.errors import ConfigError, DatasetError
 from lookalike.evaluate.datasets import (
     GroundTruth,
     holidays_groups,
-    labelled_folder,
     load_gnd_json,
     load_oxford_text_gnd,
     load_revisitop_gnd,
     save_gnd_json,
-    split_labelled,
     ukbench_groups,
 )
 from lookalike.evaluate.metrics import compute_map, revisited_protocol
+from lookalike.labels import labelled_folder, split_labelled
 
 from .conftest import SHARED_DATA
 

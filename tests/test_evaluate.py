@@ -210,3 +210,18 @@ def test_cache_fingerprint_names_files_by_their_resolved_path(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     assert fingerprint([Path("a.jpg")], None) == fingerprint([photo], None)
     assert fingerprint([Path("a.jpg")], None) != fingerprint([photo], [(0, 0, 1, 1)])
+
+
+@pytest.mark.weights
+def test_every_pooling_from_one_pass_equals_indexing_with_each_pooling(real_photos) -> None:
+    """One extraction path: evaluation's multi-pooling forward is the product's network, pooling by pooling."""
+    require_weights("resnet50.keras-imagenet")
+    settings = DescriptorSettings(imsize=128, precision="fp32")
+    shared = Extractor(settings)
+    batch = shared.scaled_inputs(load_image(real_photos[0]))[0][None]
+    pooled = shared.describe_poolings(batch, shared.pooling_modules(POOLINGS))
+    assert set(pooled) == set(POOLINGS)
+    for name in POOLINGS:
+        alone = Extractor(replace(settings, pooling=name))
+        assert shared.resolved_as(name).identity() == alone.resolved.identity()
+        np.testing.assert_allclose(pooled[name], alone.describe_tensors(batch), atol=1e-5)

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 from lookalike.errors import ConfigError
-from lookalike.evaluate.datasets import labelled_folder
+from lookalike.evaluate.ladder import STAGES
 from lookalike.evaluate.recognition import (
     RecognitionProtocol,
     evaluate_recognition,
     multiscale_descriptors,
 )
 from lookalike.extract import DescriptorSettings, Extractor
+from lookalike.labels import labelled_folder
 from lookalike.recognize.multiscale import DEFAULT_SCALES
-from lookalike.recognize.protocol import STAGES
 from tests.conftest import SHARED_DATA, json_lines, require_weights, run_cli, succeeded
 from tests.test_cli import TERMINAL
 

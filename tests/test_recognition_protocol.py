@@ -1,29 +1,38 @@
 """The distractor protocol: test splits, validation folds drawn from references only, scoring, the fast
-α-expanded vote against the library's, and the ladder on small synthetic descriptors."""
+α-expanded vote against the library's, the ladder's spaces, and the ladder on small synthetic descriptors
+against the library's classifiers."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lookalike.errors import ConfigError
-from lookalike.evaluate.datasets import LabelledImages
-from lookalike.recognize.alpha_voter import AlphaVoter
-from lookalike.recognize.knn import Neighbour, Prediction, alpha_mean_knn_classify, exact_search
-from lookalike.recognize.protocol import (
+from lookalike.evaluate.alpha_voter import AlphaVoter
+from lookalike.evaluate.ladder import SHORTLIST, STAGES, run_ladder
+from lookalike.evaluate.spaces import AggregatedSpace, Config, MatrixSpace, VerifiedSpace
+from lookalike.evaluate.splits import (
     BALANCED,
-    STAGES,
     TINI,
     RecognitionSplit,
-    describe_space,
     distractor_splits,
-    run_ladder,
+    object_query_count,
     score,
     shared_references,
     validation_folds,
 )
+from lookalike.labels import LabelledImages
+from lookalike.recognize.knn import (
+    KnnClassifier,
+    Neighbour,
+    Prediction,
+    alpha_mean_knn_classify,
+    exact_search,
+)
+from lookalike.recognize.multiscale import AggregatedClassifier, MultiScaleKnn
 
 SCALES = (0.25, 0.5, 0.7071067811865476, 1.0, 1.4142135623730951)
 
@@ -162,8 +171,9 @@ def test_ladder_selects_one_row_per_stage_by_validation(ladder) -> None:
         by_stage = {r.stage: r for r in summary}
         base = max(by_stage["aggregation"], by_stage["similarity matrix"], key=lambda r: r.validation.gap)
         verified = by_stage["+ verifier (no local features)"]
-        assert verified.config.space.startswith(base.config.space + "|")
-        assert base.config.space.endswith("+w")  # whitened from the similarity matrix on
+        assert isinstance(verified.config.space, VerifiedSpace)
+        assert verified.config.space.base == base.config.space
+        assert base.config.space.whitened  # whitened from the similarity matrix on
     grid = [r for r in ladder.rows if r.variant == TINI and r.stage == "k-NN"]
     assert len(grid) == 4 * 6
     assert len([r for r in ladder.rows if r.variant == TINI and r.stage == "aggregation: weights"]) == 31
@@ -171,6 +181,28 @@ def test_ladder_selects_one_row_per_stage_by_validation(ladder) -> None:
     assert [name for name, _ in ladder.stage_seconds] == stages
     one_nn = ladder.summary(TINI)[0]
     assert one_nn.description == "1-NN — scale 1"
+
+
+def test_the_ladder_grids_in_order(ladder) -> None:
+    """The grids of each stage, in the order that breaks ties between equal validation scores."""
+    ks, transforms = (1, 3, 7, 13, 17, 23), ("identity", "square", "sqrt", "log")
+    s1 = AggregatedSpace((0, 0, 0, 1, 0))
+
+    def grid(stage: str) -> list[Config]:
+        return [r.config for r in ladder.rows if r.variant == BALANCED and r.stage == stage]
+
+    assert grid("1-NN") == [Config(s1, "1nn")]
+    assert grid("k-NN") == [Config(s1, "knn", t, k) for t in transforms for k in ks]
+    mean = next(r.config for r in ladder.summary(BALANCED) if r.stage == "mean k-NN")
+    assert grid("α-expanded") == [
+        Config(s1, "alpha", mean.transform, k, a) for a in (0.5, 0.7, 0.9, 1.1) for k in ks
+    ]
+    reducers = ("max", "sum_row_max", "sum_col_max", "sum_row_max_sq", "sum_col_max_sq", "mean")
+    assert grid("similarity matrix") == [
+        Config(MatrixSpace(r), "knn", t, k) for r in reducers for t in transforms for k in ks
+    ]
+    weights = [c.space.weights for c in grid("aggregation: weights")]
+    assert weights[:3] == [(1, 0, 0, 0, 0), (0, 1, 0, 0, 0), (1, 1, 0, 0, 0)] and len(set(weights)) == 31
 
 
 def test_ladder_never_looks_at_the_test_queries(data, ladder) -> None:
@@ -190,25 +222,29 @@ def test_ladder_never_looks_at_the_test_queries(data, ladder) -> None:
 
 def test_whitening_is_fitted_on_the_references_of_each_split(data, monkeypatch) -> None:
     """Every PCA-whitening sees exactly one split's references: never its queries, real or pseudo."""
-    import lookalike.recognize.protocol as protocol
+    import lookalike.evaluate.ladder as ladder_module
+    import lookalike.recognize.knn as knn
+    import lookalike.recognize.multiscale as multiscale
 
     x, dataset = data
     splits = distractor_splits(dataset, object_queries=7)
     fitted: list[np.ndarray] = []
-    fit = protocol.fit_pca_whitening
+    fit = knn.fit_pca_whitening
 
     def recording(rows: np.ndarray, *args, **kwargs):
         fitted.append(rows.copy())
         return fit(rows, *args, **kwargs)
 
-    monkeypatch.setattr(protocol, "fit_pca_whitening", recording)
-    ladder = protocol._Ladder(x, dataset, splits, SCALES, None, 2, 3, 15, 0, None)
+    monkeypatch.setattr(knn, "fit_pca_whitening", recording)
+    monkeypatch.setattr(multiscale, "fit_pca_whitening", recording)
+    ladder = ladder_module._Ladder(x, dataset, splits, SCALES, None, 2, 3, 15, 0, None)
     everything = [*ladder.train, *(f for fs in ladder.folds.values() for f in fs), *splits.values()]
+    scale_one = AggregatedSpace((0, 0, 0, 1, 0), whitened=True)
     for split in everything:
         fitted.clear()
         ladder.release()
-        ladder.vectors("agg:00010+w", split)
-        ladder.per_scale(True, split)
+        ladder.vectors(scale_one, split)
+        ladder.matrix_shortlists(True, split)
         assert len(fitted) == 1 + len(SCALES)
         expected = [x[split.references, 3], *(x[split.references, i] for i in range(len(SCALES)))]
         for rows, want in zip(fitted, expected, strict=True):
@@ -216,11 +252,83 @@ def test_whitening_is_fitted_on_the_references_of_each_split(data, monkeypatch) 
 
 
 def test_space_names() -> None:
-    assert describe_space("agg:00010", SCALES) == "scale 1"
-    assert describe_space("agg:11001+w", SCALES) == "scales 0.25+0.5+1.4 summed, PCA-whitened"
+    assert AggregatedSpace((0, 0, 0, 1, 0)).describe(SCALES) == "scale 1"
     assert (
-        describe_space("mx:sum_row_max+w", SCALES) == "5×5 similarity matrix, sum_row_max, whitened per scale"
+        AggregatedSpace((1, 1, 0, 0, 1), whitened=True).describe(SCALES)
+        == "scales 0.25+0.5+1.4 summed, PCA-whitened"
     )
-    assert describe_space("agg:00010|mlp|product", SCALES).endswith(
-        "re-scored by the mlp verifier (s·P(same))"
+    assert (
+        MatrixSpace("sum_row_max").describe(SCALES)
+        == "5×5 similarity matrix, sum_row_max, whitened per scale"
     )
+    verified = VerifiedSpace(AggregatedSpace((0, 0, 0, 1, 0)), "mlp", "product", 23)
+    assert verified.describe(SCALES) == "scale 1, top 23 re-scored by the mlp verifier (s·P(same))"
+    assert VerifiedSpace(MatrixSpace("max"), "logistic-global", "probability", 23).describe(SCALES) == (
+        "5×5 similarity matrix, max, whitened per scale, top 23 re-scored by the logistic-global verifier "
+        "(P(same))"
+    )
+    space = AggregatedSpace((0, 1, 0, 1, 0), whitened=True)
+    assert Config(space, "alpha", "sqrt", 7, 0.9).describe(SCALES) == (
+        "α-expanded mean k-NN √x, k=7, α=0.9 — scales 0.5+1 summed, PCA-whitened"
+    )
+    assert Config(space, "1nn").describe(SCALES) == "1-NN — scales 0.5+1 summed, PCA-whitened"
+    assert Config(space, "mean", "log", 3).describe(SCALES).startswith("mean k-NN ln(x+e), k=3 — ")
+    assert AggregatedSpace((0.0, 1.0)) == AggregatedSpace((0, 1)) and len({space, replace(space)}) == 1
+    assert Config(verified).record()["space"] == {
+        "kind": "verified",
+        "base": {"kind": "aggregated", "weights": [0, 0, 0, 1, 0], "whitened": False},
+        "model": "mlp",
+        "rule": "product",
+        "top": 23,
+    }
+    with pytest.raises(ConfigError):
+        AggregatedSpace((0, 0, 0))
+    with pytest.raises(ConfigError):
+        Config(space, "median")
+
+
+# ---- the ladder against the library's classifiers ------------------------------------------------------
+
+
+def library_classifier(config: Config) -> AggregatedClassifier | MultiScaleKnn:
+    """The product's classifier for a configuration of the ladder, built from its public parts only."""
+    space = config.space
+    k = None if config.rule == "1nn" else config.k
+    if isinstance(space, AggregatedSpace):
+        knn = KnnClassifier(config.rule, k, config.transform, config.alpha, whiten=space.whitened)
+        return AggregatedClassifier(space.weights, knn)
+    assert isinstance(space, MatrixSpace) and config.rule == "knn"
+    return MultiScaleKnn(space.reducer, config.k, config.transform, SHORTLIST, whiten=space.whitened)
+
+
+def library_score(x, labels, config: Config, split: RecognitionSplit):
+    classifier = library_classifier(config).fit(x[split.references], labels[split.references])
+    return score(classifier.predict(x[split.queries]), labels, split)
+
+
+def test_the_ladder_scores_what_the_library_classifiers_score(data, ladder) -> None:
+    """Every row of the stages before the verifier: validation (mean over the folds, drawn here from the
+    public split functions) and test scores equal to the library classifiers' own predictions, exactly; and
+    each stage selects its best validation GAP, the first among equals."""
+    x, dataset = data
+    labels = np.asarray(dataset.labels, dtype=object)
+    splits = distractor_splits(dataset, object_queries=7)
+    pool = shared_references(splits)
+    stages = STAGES[:8]
+    for variant, split in splits.items():
+        objects = object_query_count(labels, split)
+        folds = validation_folds(
+            labels, pool, objects, len(split.queries) - objects, 2, 3, 1, f"validation {variant}"
+        )
+        rows = [r for r in ladder.rows if r.variant == variant and r.stage in stages]
+        checked = rows if variant == TINI else [r for r in rows if r.selected]
+        for row in checked:
+            found = [library_score(x, labels, row.config, f) for f in folds]
+            assert row.validation.gap == float(np.mean([s.gap for s in found])), row.description
+            assert row.validation.accuracy == float(np.mean([s.accuracy for s in found])), row.description
+            assert row.test == library_score(x, labels, row.config, split), row.description
+            assert row.description == row.config.describe(SCALES)
+        for stage in stages:
+            grid = [r for r in rows if r.stage == stage]
+            best = max(range(len(grid)), key=lambda i: (grid[i].validation.gap, -i))
+            assert [r.selected for r in grid] == [i == best for i in range(len(grid))]

@@ -469,6 +469,21 @@ def test_multiscale_knn_matches_loops(reducer, shortlist, scale):
         check_against(cls.fit(xb, labels).predict(xq), expected)
 
 
+def test_neighbours_by_reducer_is_each_reducers_own_search():
+    rng = np.random.default_rng(14)
+    xb, labels, centres = multiscale_data(rng, 60)
+    xq, _, _ = multiscale_data(rng, 9, centres=centres)
+    found = MultiScaleKnn(k=7, shortlist=25, whiten=True).fit(xb, labels).neighbours_by_reducer(xq, REDUCERS)
+    assert list(found) == list(REDUCERS)
+    for name in REDUCERS:
+        own = MultiScaleKnn(name, k=7, shortlist=25, whiten=True).fit(xb, labels).reduced_neighbours(xq)
+        np.testing.assert_array_equal(found[name][0], own[0])
+        np.testing.assert_array_equal(found[name][1], own[1])
+    custom = {"first": lambda m: m[:, 0, 0]}
+    sims, ids = MultiScaleKnn(k=3, shortlist=60).fit(xb, labels).neighbours_by_reducer(xq, custom)["first"]
+    np.testing.assert_allclose(sims[:, 0], np.einsum("qd,qd->q", xq[:, 0], xb[ids[:, 0], 0]), atol=1e-6)
+
+
 def test_multiscale_knn_small_reference_set_and_faiss():
     rng = np.random.default_rng(10)
     xb, labels, centres = multiscale_data(rng, 4)
@@ -514,6 +529,9 @@ def test_aggregated_classifier_whitens_the_aggregate():
         NAIVE_TRANSFORMS["identity"],
     )
     check_against(cls.predict(xq), expected)
+    np.testing.assert_array_equal(cls.references, fitted.apply(aggregate(xb, w)))
+    np.testing.assert_array_equal(cls.prepare(xq), fitted.apply(aggregate(xq, w)))
+    assert cls.references is cls.classifier.references
     mean = AggregatedClassifier(w, KnnClassifier("mean", k=3)).fit(xb, labels)
     assert np.mean([p.label == t for p, t in zip(mean.predict(xq), truth, strict=True)]) >= 0.8
 

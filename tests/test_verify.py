@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from lookalike.errors import ConfigError
+from lookalike.evaluate.verifier_training import train_verifier, train_verifiers
 from lookalike.recognize.features import (
     LocalFeatureCache,
     LocalFeatureSettings,
@@ -22,8 +23,6 @@ from lookalike.recognize.verify import (
     pair_features,
     rerank,
     rescore,
-    train_verifier,
-    train_verifiers,
 )
 from tests.conftest import unit_rows
 

@@ -287,3 +287,16 @@ def test_every_registry_source_has_a_full_hash_or_says_none_is_published() -> No
             if source.kind == "url" and source.sha256 and "download.pytorch.org" in source.locator:
                 prefix = source.locator.rsplit("-", 1)[-1].removesuffix(".pth")
                 assert source.sha256.startswith(prefix)
+
+
+def test_every_model_config_field_is_read_by_the_package() -> None:
+    """Issue 12: no registry field that nothing uses (a field read nowhere is a setting that does nothing)."""
+    import dataclasses
+
+    package = Path(registry.__file__).parent
+    sources = (
+        "\n".join(path.read_text() for path in package.rglob("*.py") if path.name != "registry.py")
+        + Path(registry.__file__).read_text().split("MODELS: dict")[1]
+    )
+    unused = [f.name for f in dataclasses.fields(ModelConfig) if f".{f.name}" not in sources]
+    assert not unused, f"ModelConfig fields nothing reads: {unused}"

@@ -170,12 +170,24 @@ def convert_resmem(path: Path) -> StateDict:
     return convert(load_torch_file(path))
 
 
+def convert_lookalike(path: Path) -> StateDict:
+    """Weights published by ``lookalike train``: a safetensors file already keyed by our module names."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
 CONVERTERS: dict[str, Callable[[Path, str], StateDict]] = {
     "keras-tfjs": lambda path, arch: convert_keras_tfjs(path),
     "torchvision": lambda path, arch: convert_torchvision(path),
     "cirtorch": convert_cirtorch,
     "efficientnet-lite0": lambda path, arch: convert_efficientnet_lite0(path),
     "resmem": lambda path, arch: convert_resmem(path),
+    "lookalike": lambda path, arch: convert_lookalike(path),
 }
 
 

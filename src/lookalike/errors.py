@@ -79,3 +79,11 @@ class CollectionBusyError(CollectionError):
 
 class DatasetError(LookalikeError):
     """A dataset or ground-truth file is missing, malformed, or refused (e.g. a pickle naming unsafe code)."""
+
+
+class LocalModelError(WeightsError):
+    """A model trained on this machine has a damaged or invalid folder (``model.json``, its weights file)."""
+
+
+class CheckpointError(LookalikeError):
+    """A training checkpoint is damaged, or was written with other settings than the run resuming it."""

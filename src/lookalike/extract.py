@@ -6,15 +6,16 @@ import hashlib
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from lookalike.cpu import keep_heap
 from lookalike.errors import ConfigError, ImageError, WeightsError
@@ -27,7 +28,7 @@ from lookalike.images import (
     resize_max_side,
 )
 from lookalike.network import InferenceNet, Precision, build_descriptor_net
-from lookalike.pooling import gem_power
+from lookalike.pooling import build_pooling, gem_power
 from lookalike.precision import resolve_precision
 from lookalike.registry import DEFAULT_MODEL, ModelConfig, get_model_config
 from lookalike.transforms import to_tensor
@@ -144,9 +145,11 @@ def combine_scales(vectors: np.ndarray, power: float) -> np.ndarray:
 
 class Describer(Protocol):
     """What turns images into descriptors for a collection: the in-process :class:`Extractor` today; a pool
-    of Ray workers or an ONNX model are other implementations of the same four members."""
+    of Ray workers or an ONNX model are other implementations of the same four members (all read-only, so a
+    describer built on first use fits too)."""
 
-    resolved: ResolvedDescriptor
+    @property
+    def resolved(self) -> ResolvedDescriptor: ...
 
     @property
     def dim(self) -> int: ...
@@ -200,6 +203,29 @@ class Extractor:
     def describe_tensors(self, batch: torch.Tensor) -> np.ndarray:
         """A batch of same-size inputs ``(N, 3, H, W)`` → ``(N, D)`` float32 rows."""
         return self.net(batch).numpy().astype(np.float32, copy=False)
+
+    def resolved_as(self, pooling: str) -> ResolvedDescriptor:
+        """The identity of ``pooling`` on this backbone, as indexing with ``--pooling POOLING`` resolves
+        it (its GeM p, its scale-combination power)."""
+        if pooling == self.resolved.pooling:
+            return self.resolved
+        return resolve_descriptor(replace(self.settings, pooling=pooling))
+
+    def pooling_modules(self, poolings: Sequence[str]) -> dict[str, nn.Module]:
+        """For each name, the pooling that indexing with ``--pooling NAME`` applies to this backbone's
+        feature maps: the network's own for its own pooling (a trained GeM keeps its p), else a fresh
+        module with the p :meth:`resolved_as` gives."""
+        return {
+            name: self.net.pool
+            if name == self.resolved.pooling
+            else build_pooling(name, p=self.resolved_as(name).gem_p)
+            for name in poolings
+        }
+
+    def describe_poolings(self, batch: torch.Tensor, pools: Mapping[str, nn.Module]) -> dict[str, np.ndarray]:
+        """Every pooling of ``pools`` from one backbone pass over a same-size batch: ``(N, D)`` each."""
+        fmap = self.net.feature_map(batch)
+        return {name: self.net.head(fmap, pool).numpy() for name, pool in pools.items()}
 
     def describe(self, image: Image.Image, bbox: BBox | None = None) -> np.ndarray:
         """The ``(D,)`` descriptor of one RGB image, optionally cropped to ``bbox`` first."""

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lookalike.atomic import atomic_write
 from lookalike.cpu import cpu_info
 from lookalike.network import DescriptorNet, InferenceNet, Precision
 from lookalike.registry import ModelConfig
@@ -79,9 +78,8 @@ def _save_verdict(key: str, verdict: dict) -> None:
     verdicts[key] = verdict
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        with atomic_write(path, "w") as handle:
             json.dump(verdicts, handle, indent=1)
-        os.replace(handle.name, path)
     except OSError as exc:
         log.warning("could not record the precision check in %s: %s", path, exc)
 

@@ -2,14 +2,28 @@
 
 Names read ``<architecture>.<weights>``, e.g. ``resnet50.keras-imagenet``. Every source carries the full
 sha256 of what is downloaded; ``lookalike.weights`` checks it on every download.
+
+Besides the built-in entries, every model trained on this machine (``lookalike train``) is an entry: its
+folder ``$LOOKALIKE_HOME/models/NAME/`` holds ``model.json`` (:func:`local_model_record`, read back and
+validated by :func:`read_local_model`) and the weights file it pins by sha256, served to ``lookalike.weights``
+as a ``file:`` URL. A damaged folder is reported, never a crash of :func:`list_models`, and a folder cannot
+shadow a built-in name.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
 
-from lookalike.errors import UnknownModelError
+from lookalike.errors import ConfigError, LocalModelError, UnknownModelError
+from lookalike.home import models_folder
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -88,8 +102,10 @@ class ModelConfig:
     pooling: str = "rmac"
     gem_p: float = 3.0
     learned_whitening: bool = False
+    # A second-order attention block (lookalike.attention) on the last feature map; its weights are the
+    # ``attention.*`` tensors.
+    attention: bool = False
     needs_internet: bool = False
-    tags: tuple[str, ...] = field(default_factory=tuple)
 
 
 MODELS: dict[str, ModelConfig] = {}
@@ -103,15 +119,174 @@ def register(config: ModelConfig) -> ModelConfig:
 
 
 def get_model_config(name: str) -> ModelConfig:
-    try:
+    """The built-in entry ``name``, else the model trained here under that name (validated)."""
+    if name in MODELS:
         return MODELS[name]
-    except KeyError:
-        known = ", ".join(sorted(MODELS))
-        raise UnknownModelError(f"unknown model {name!r}; known models: {known}") from None
+    if _LOCAL_NAME.fullmatch(name) and (models_folder() / name / MODEL_FILE).exists():
+        return read_local_model(models_folder() / name)
+    known = ", ".join(sorted([*MODELS, *(config.name for config in local_models()[0])]))
+    raise UnknownModelError(f"unknown model {name!r}; known models: {known}")
 
 
 def list_models() -> list[ModelConfig]:
-    return [MODELS[name] for name in sorted(MODELS)]
+    """Built-in entries and the models trained here, by name; a damaged local entry is logged and left out
+    (:func:`local_models` lists them)."""
+    configs, problems = local_models()
+    for folder, problem in problems:
+        log.warning("local model %s left out: %s", folder.name, problem)
+    return sorted([*MODELS.values(), *configs], key=lambda config: config.name)
+
+
+# ---- models trained on this machine ------------------------------------------------------------------------
+
+LOCAL_FORMAT: Final = "lookalike-model"
+LOCAL_FORMAT_VERSION: Final = 1
+LOCAL_WEIGHTS_FORMAT: Final = "lookalike"
+MODEL_FILE: Final = "model.json"
+_LOCAL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_local_name(name: str) -> str:
+    """``name`` if a model trained here may take it: 1–100 letters, digits, ``.``, ``_`` or ``-`` starting
+    with a letter or digit (it names a folder), and no built-in model's name."""
+    if not _LOCAL_NAME.fullmatch(name):
+        raise ConfigError(
+            f"a model name is 1–100 letters, digits, '.', '_' or '-', starting with a letter or digit; "
+            f"got {name!r}"
+        )
+    if name in MODELS:
+        raise ConfigError(f"{name!r} is a built-in model; give the model trained here another name")
+    return name
+
+
+def local_model_record(config: ModelConfig, base_model: str, training: dict[str, Any]) -> dict[str, Any]:
+    """The ``model.json`` of ``config``, a model trained here whose one source is its weights file;
+    ``training`` is free-form (what was trained, how), kept for people and not read back."""
+    (source,) = config.sources
+    p = config.preprocess
+    return {
+        "format": LOCAL_FORMAT,
+        "format_version": LOCAL_FORMAT_VERSION,
+        "name": config.name,
+        "arch": config.arch,
+        "base_model": base_model,
+        "preprocess": {"colour": p.colour, "scale": p.scale, "mean": list(p.mean), "std": list(p.std)},
+        "feature_dim": config.feature_dim,
+        "imsize": config.imsize,
+        "pooling": config.pooling,
+        "gem_p": config.gem_p,
+        "attention": config.attention,
+        "learned_whitening": config.learned_whitening,
+        "licence": config.licence,
+        "description": config.description,
+        "weights": {"file": source.locator.rsplit("/", 1)[-1], "sha256": source.sha256},
+        "training": training,
+    }
+
+
+_KINDS: Final = {
+    float: "a finite number",
+    int: "an integer",
+    str: "a string",
+    bool: "true or false",
+    dict: "an object",
+}
+
+
+def _get(record: dict[str, Any], key: str, kind: type, where: Path) -> Any:
+    """``record[key]`` if it is of ``kind`` (numbers: not booleans; floats: finite), else
+    :class:`LocalModelError`."""
+    value: Any = record.get(key)
+    if kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise LocalModelError(f"{where}: {key!r} is missing or not {_KINDS[kind]}")
+    return value
+
+
+def _triple(record: dict[str, Any], key: str, where: Path) -> tuple[float, float, float]:
+    values = record.get(key)
+    if not isinstance(values, list) or len(values) != 3:
+        raise LocalModelError(f"{where}: preprocess {key!r} must be three numbers")
+    a, b, c = (_get({"v": v}, "v", float, where) for v in values)
+    return (a, b, c)
+
+
+def read_local_model(folder: Path) -> ModelConfig:
+    """The registry entry of the model trained in ``folder``, from its ``model.json``; raises
+    :class:`LocalModelError` naming what is wrong (unreadable, another format, a missing or mistyped
+    field, a name that is not the folder's or is a built-in one, no weights file)."""
+    path = folder / MODEL_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise LocalModelError(f"{path}: unreadable ({exc})") from exc
+    if not isinstance(record, dict) or record.get("format") != LOCAL_FORMAT:
+        raise LocalModelError(f"{path}: not a lookalike model description")
+    if record.get("format_version") != LOCAL_FORMAT_VERSION:
+        raise LocalModelError(
+            f"{path}: format version {record.get('format_version')!r} is not {LOCAL_FORMAT_VERSION}"
+        )
+    name = _get(record, "name", str, path)
+    if name != folder.name:
+        raise LocalModelError(f"{path}: names the model {name!r}, but its folder is {folder.name!r}")
+    if name in MODELS:
+        raise LocalModelError(f"{path}: {name!r} would shadow the built-in model of that name")
+    pre = _get(record, "preprocess", dict, path)
+    colour = _get(pre, "colour", str, path)
+    if colour not in ("RGB", "BGR"):
+        raise LocalModelError(f"{path}: preprocess colour must be RGB or BGR, got {colour!r}")
+    preprocess = Preprocess(
+        colour, _get(pre, "scale", float, path), _triple(pre, "mean", path), _triple(pre, "std", path)
+    )
+    weights = _get(record, "weights", dict, path)
+    file, sha256 = _get(weights, "file", str, path), _get(weights, "sha256", str, path)
+    if Path(file).name != file or file.startswith(".") or not is_sha256(sha256):
+        raise LocalModelError(f"{path}: weights must name a file of this folder and its full sha256")
+    if not (folder / file).is_file():
+        raise LocalModelError(f"{path}: its weights file {file} is missing")
+    return ModelConfig(
+        name=name,
+        arch=_get(record, "arch", str, path),
+        weights_format=LOCAL_WEIGHTS_FORMAT,
+        preprocess=preprocess,
+        feature_dim=_get(record, "feature_dim", int, path),
+        licence=_get(record, "licence", str, path),
+        sources=(WeightSource("url", (folder / file).absolute().as_uri(), sha256),),
+        description=_get(record, "description", str, path),
+        imsize=_get(record, "imsize", int, path),
+        has_classifier=False,
+        pooling=_get(record, "pooling", str, path),
+        gem_p=_get(record, "gem_p", float, path),
+        learned_whitening=_get(record, "learned_whitening", bool, path),
+        attention=_get(record, "attention", bool, path),
+    )
+
+
+def local_models() -> tuple[list[ModelConfig], list[tuple[Path, str]]]:
+    """The models trained here, by name, and the folders that could not be read with the reason. A folder
+    without ``model.json`` (a run that has not finished its first epoch) is neither."""
+    root = models_folder()
+    try:
+        folders = sorted(p for p in root.iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return [], []
+    except OSError as exc:
+        return [], [(root, str(exc))]
+    configs, problems = [], []
+    for folder in folders:
+        if not (folder / MODEL_FILE).exists():
+            continue
+        try:
+            configs.append(read_local_model(folder))
+        except LocalModelError as exc:
+            problems.append((folder, str(exc)))
+    return configs, problems
 
 
 DEFAULT_MODEL = "resnet50.keras-imagenet"
@@ -173,7 +348,6 @@ register(
                 member="resmem/model.pt",
             ),
         ),
-        tags=("optional",),
     )
 )
 
@@ -262,7 +436,6 @@ def _cirtorch(name: str, arch: str, file: str, learned_whitening: bool, descript
             pooling="gem",
             learned_whitening=learned_whitening,
             needs_internet=True,
-            tags=("retrieval",),
         )
     )
 

@@ -25,12 +25,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from platformdirs import user_cache_dir
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lookalike import atomic
 from lookalike.converters import StateDict, convert
 from lookalike.errors import ChecksumError, ConfigError, WeightsError, WeightsNotAvailableError
+from lookalike.home import lookalike_home
 from lookalike.registry import ModelConfig, WeightSource, is_sha256
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,6 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int | None], None]
 CHUNK = 1 << 20
 FORMAT_VERSION = "1"
-
-
-def lookalike_home() -> Path:
-    """Root of lookalike's cache: ``$LOOKALIKE_HOME``, else the user cache directory."""
-    return Path(os.environ.get("LOOKALIKE_HOME") or user_cache_dir("lookalike")).expanduser()
 
 
 def cache_path(config: ModelConfig) -> Path:
@@ -95,7 +91,7 @@ def download_url(url: str, folder: Path, sha256: str, progress: Progress | None 
     if digest.hexdigest() != sha256:
         partial.unlink(missing_ok=True)
         raise ChecksumError(f"{url}: sha256 {digest.hexdigest()} does not match the expected {sha256}")
-    os.replace(partial, target)
+    atomic.replace(partial, target)
     return target
 
 
@@ -193,7 +189,7 @@ def _pull_source(config: ModelConfig, source: WeightSource, progress: Progress |
         }
         partial = work / "weights.safetensors"
         save_file(state, str(partial), metadata=metadata)
-        os.replace(partial, target)
+        atomic.replace(partial, target)
     log.info("cached %s from %s", config.name, source.locator)
     return target
 
@@ -207,6 +203,23 @@ def how_to_get(config: ModelConfig) -> str:
     return "\n".join(lines)
 
 
+def is_local(source: WeightSource) -> bool:
+    """A ``file:`` URL: read from this machine, so allowed when ``LOOKALIKE_OFFLINE`` is set."""
+    return source.kind == "url" and source.locator.startswith("file:")
+
+
+def _stale_local_copy(config: ModelConfig) -> bool:
+    """Whether the cached copy of a model whose every source is a local file came from a file that has
+    since been replaced (a model trained further here): such a copy is converted again, not refused."""
+    if not config.sources or not all(is_local(s) for s in config.sources):
+        return False
+    try:
+        cached = cached_metadata(config).get("source_sha256")
+    except (SafetensorError, OSError):
+        return True
+    return cached not in {s.sha256 for s in config.sources}
+
+
 def pull(
     config: ModelConfig, progress: Progress | None = None, force: bool = False, sha256: str | None = None
 ) -> Path:
@@ -215,14 +228,15 @@ def pull(
     ``sha256`` supplies the hash for sources whose authors published none (it never replaces a known one).
     """
     target = cache_path(config)
-    if target.exists() and not force:
+    if target.exists() and not force and not _stale_local_copy(config):
         return target
-    if offline():
+    sources = [s for s in config.sources if is_local(s)] if offline() else list(config.sources)
+    if not sources:
         raise WeightsNotAvailableError(how_to_get(config) + "\n(LOOKALIKE_OFFLINE is set.)")
     if sha256 is not None and not is_sha256(sha256.lower()):
         raise ConfigError(f"--sha256 must be 64 hex digits, got {sha256!r}")
     failures = []
-    for source in config.sources:
+    for source in sources:
         if source.sha256 is None and sha256 is not None:
             source = replace(source, sha256=sha256.lower())
         try:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from typing import Final
 
 import numpy as np
 
+from lookalike.atomic import atomic_write
 from lookalike.errors import ConfigError, WhiteningError
 
 log = logging.getLogger(__name__)
@@ -469,23 +469,14 @@ def save_whitening(whitening: Whitening, path: str | os.PathLike[str]) -> None:
     The file is written to a temporary name in the same directory and renamed over ``path``, so readers
     see either the old file or the new one. ``path`` is used as given (no ``.npz`` is appended).
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                version=np.array(FORMAT_VERSION, dtype=np.int64),
-                kind=np.array(whitening.kind),
-                mean=whitening.mean,
-                projection=whitening.projection,
-            )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(Path(path)) as handle:
+        np.savez(
+            handle,
+            version=np.array(FORMAT_VERSION, dtype=np.int64),
+            kind=np.array(whitening.kind),
+            mean=whitening.mean,
+            projection=whitening.projection,
+        )
 
 
 def load_whitening(path: str | os.PathLike[str]) -> Whitening:

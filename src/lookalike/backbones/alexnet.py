@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lookalike.backbones.base import Backbone
+from lookalike.backbones.base import Backbone, split_at_pools
 from lookalike.errors import ConfigError
 
 
@@ -49,6 +49,10 @@ class AlexNet(Backbone):
                 nn.ReLU(inplace=True),
                 nn.Linear(4096, num_classes),
             )
+
+    def stages(self) -> list[nn.Module]:
+        """The runs of ``features`` that each end with a max-pool, then the layers after the last one."""
+        return split_at_pools(self.features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

@@ -122,6 +122,7 @@ class EfficientNetLite(Backbone):
         self.stem = ConvBN(3, STEM_CHANNELS, 3, stride=2)
         blocks = []
         in_channels = STEM_CHANNELS
+        self.stage_repeats = tuple(stage.repeats for stage in stages)
         for stage in stages:
             for index in range(stage.repeats):
                 stride = stage.stride if index == 0 else 1
@@ -131,6 +132,15 @@ class EfficientNetLite(Backbone):
         self.head = ConvBN(in_channels, HEAD_CHANNELS, 1)
         self.out_channels = HEAD_CHANNELS
         self.fc = nn.Linear(HEAD_CHANNELS, num_classes) if num_classes else None
+
+    def stages(self) -> list[nn.Module]:
+        """The stem, the blocks of each :class:`Stage` in turn, then the head."""
+        groups: list[nn.Module] = [self.stem]
+        start = 0
+        for repeats in self.stage_repeats:
+            groups.append(nn.ModuleList(list(self.blocks)[start : start + repeats]))
+            start += repeats
+        return [*groups, self.head]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(self.stem(x)))

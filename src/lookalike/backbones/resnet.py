@@ -84,6 +84,10 @@ class ResNet(Backbone):
         self.out_channels = inplanes
         self.fc = nn.Linear(inplanes, num_classes) if num_classes else None
 
+    def stages(self) -> list[nn.Module]:
+        """The stem (``conv1``, ``bn1``), then ``layer1`` … ``layer4``."""
+        return [nn.ModuleList([self.conv1, self.bn1]), self.layer1, self.layer2, self.layer3, self.layer4]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):

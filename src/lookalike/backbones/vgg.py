@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lookalike.backbones.base import Backbone
+from lookalike.backbones.base import Backbone, split_at_pools
 from lookalike.errors import ConfigError
 
 # Configuration "D" of Simonyan & Zisserman: output channels of each 3×3 convolution, "M" for a 2×2 max-pool.
@@ -61,6 +61,10 @@ class VGG(Backbone):
                 nn.Dropout(),
                 nn.Linear(4096, num_classes),
             )
+
+    def stages(self) -> list[nn.Module]:
+        """The runs of ``features`` that each end with a max-pool, then the layers after the last one."""
+        return split_at_pools(self.features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lookalike.cli import check, collections, describe, evaluate, models, recognize, serve, system
+from lookalike.cli import check, collections, describe, evaluate, models, recognize, serve, system, train
 from lookalike.cli.common import configure_logging
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ app.add_typer(collections.whiten_app, name="whiten")
 app.add_typer(evaluate.app, name="evaluate")
 app.command("system")(system.system)
 app.command("serve")(serve.serve)
+app.command("train")(train.train)
 
 
 @app.callback()

@@ -9,6 +9,9 @@ Ids are image ids; rows are (whitened) L2-normalised float32 descriptors, so inn
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -18,6 +21,8 @@ import numpy as np
 
 from lookalike.atomic import atomic_write
 from lookalike.errors import CollectionError, ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class VectorIndex(Protocol):
@@ -137,6 +142,47 @@ def save_index(index: VectorIndex, path: Path) -> dict[str, object]:
         "d": index.d,
         "type": index.kind,
     }
+
+
+def save_with_meta(index: VectorIndex, path: Path, meta_path: Path, stamp: Mapping[str, object]) -> None:
+    """Save ``index``, then beside it what it was built from (``stamp``) and what ``index_problem`` checks."""
+    digest = save_index(index, path)
+    with atomic_write(meta_path, "w") as handle:
+        json.dump({**stamp, **digest}, handle)
+
+
+def load_saved(
+    path: Path, meta_path: Path, stamp: Mapping[str, object], spec: IndexSpec, dim: int, count: int
+) -> VectorIndex | None:
+    """The saved index if it was built from ``stamp`` as a ``spec`` index and is intact: its checksum, its
+    dimension ``dim`` and its ``count`` of vectors. None (with a warning when the file is damaged) otherwise."""
+    try:
+        meta = read_meta(meta_path)
+        if meta is None or any(meta[key] != value for key, value in stamp.items()):
+            return None
+        if meta.get("type", "flat") != spec.type:
+            return None
+        problem = index_problem(path, meta, dim)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if problem is None:
+        index = load_index(path, spec)
+        if index.ntotal == count:
+            return index
+        problem = f"it holds {index.ntotal} descriptors, the collection {count}"
+    log.warning("%s: %s; the index is rebuilt from the descriptors", path, problem)
+    return None
+
+
+def read_meta(meta_path: Path) -> dict[str, Any] | None:
+    """What was recorded when the index was saved (None: it never was); OSError or ValueError when the
+    record cannot be read."""
+    if not meta_path.exists():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if not isinstance(meta, dict):
+        raise ValueError("not a JSON object")
+    return meta
 
 
 def index_problem(path: Path, recorded: dict, dim: int) -> str | None:

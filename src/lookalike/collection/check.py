@@ -19,18 +19,27 @@ restored, so a search never ranks a wrong or zero descriptor. It says what it di
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from lookalike.atomic import replace
 from lookalike.collection import ann, recovery, store
-from lookalike.collection.collection import DATABASE, INDEX, INDEX_META, VECTORS, WHITENING, Collection
-from lookalike.collection.recovery import SETTINGS_MIRROR
+from lookalike.collection.collection import Collection
+from lookalike.collection.layout import (
+    DATABASE,
+    INDEX,
+    INDEX_META,
+    ROW_HASHES,
+    SETTINGS_MIRROR,
+    VECTORS,
+    WHITENING,
+)
 from lookalike.collection.sync import usable_descriptor
 from lookalike.collection.vectors import VectorFile, row_checksums
 from lookalike.errors import CollectionError, LookalikeError
@@ -109,19 +118,19 @@ def database_problem(database: Path) -> str | None:
     try:
         connection = store.connect(database, readonly=True)
         try:
-            rows = [r[0] for r in connection.execute("PRAGMA integrity_check(20)")]
-            orphans = connection.execute("PRAGMA foreign_key_check").fetchall()
+            problems = store.integrity_problems(connection)
+            dangling = store.dangling_references(connection)
             store.read_settings(connection)
             store.all_images(connection)  # every record decodes and has its checksum
-            connection.execute("SELECT row, sha256, crc32 FROM contents").fetchall()
+            store.all_contents(connection)
         finally:
             connection.close()
     except (sqlite3.Error, LookalikeError) as exc:
         return f"{database} cannot be read: {exc}"
-    if rows != ["ok"]:
-        return f"{database} fails SQLite's integrity check: " + "; ".join(rows[:5])
-    if orphans:
-        return f"{database}: {len(orphans)} rows refer to rows that do not exist"
+    if problems:
+        return f"{database} fails SQLite's integrity check: " + "; ".join(problems[:5])
+    if dangling:
+        return f"{database}: {dangling} rows refer to rows that do not exist"
     return None
 
 
@@ -195,7 +204,7 @@ def _check_vectors(collection: Collection, report: CheckReport, repair: bool) ->
         )  # fmt: skip
     unchecked = store.unchecked_records(collection.db)
     if unchecked and repair:
-        with collection._storage(), store.transaction(collection.db):
+        with _storage(collection), store.transaction(collection.db):
             store.set_record_checksums(collection.db, unchecked)
         report.findings.append(
             Finding("database", f"{len(unchecked)} image records had no checksum (written by an older "
@@ -203,7 +212,7 @@ def _check_vectors(collection: Collection, report: CheckReport, repair: bool) ->
         )  # fmt: skip
     if unrecorded and repair:
         vectors = collection.vectors.read(np.array(unrecorded, dtype=np.int64))
-        with collection._storage(), store.transaction(collection.db):
+        with _storage(collection), store.transaction(collection.db):
             store.set_content_checksums(
                 collection.db, dict(zip(unrecorded, row_checksums(vectors), strict=True))
             )
@@ -213,10 +222,13 @@ def _check_vectors(collection: Collection, report: CheckReport, repair: bool) ->
         )  # fmt: skip
 
 
+def _storage(collection: Collection) -> AbstractContextManager[None]:
+    return store.storage_errors(collection.path / DATABASE)
+
+
 def _extend(collection: Collection, rows: int) -> str:
     """Give the file back its recorded length; the rows it lost are re-extracted as damaged rows."""
-    with open(collection.vectors.path, "ab") as handle:
-        handle.truncate(rows * collection.vectors.row_bytes)
+    collection.vectors.extend(rows)
     return f"file extended to {rows} rows"
 
 
@@ -235,12 +247,13 @@ def _restore_rows(collection: Collection, damaged: dict[int, str]) -> tuple[list
         collection.vectors.write(row, vector[None])
     lost = [row for row in damaged if row not in restored]
     forgotten = [r.id for r in collection.images().values() if r.row in lost]
-    with collection._storage(), store.transaction(collection.db):
+    with _storage(collection), store.transaction(collection.db):
         store.set_content_checksums(
             collection.db, {row: row_checksums(vector[None])[0] for row, vector in restored.items()}
         )
         store.delete_images(collection.db, forgotten)
-        collection._bump_generation()
+        store.bump_generation(collection.db)
+    collection.refresh_settings()
     return sorted(restored), forgotten
 
 
@@ -281,19 +294,15 @@ def _check_whitening(collection: Collection, report: CheckReport, repair: bool) 
 
 def index_problems(collection: Collection) -> list[str]:
     """Where the saved faiss index disagrees with the collection (empty: it agrees)."""
-    key_generation = int(collection.settings.get("generation", 0))
     try:
-        meta = _read_meta(collection.path / INDEX_META)
+        meta = ann.read_meta(collection.path / INDEX_META)
     except (OSError, ValueError) as exc:
         return [f"{INDEX_META} is unreadable ({exc})"]
     if meta is None:
         return []  # never saved: built when first needed
-    if (meta.get("generation"), meta.get("whitening")) != (
-        key_generation,
-        collection.settings.get("whitening"),
-    ):
+    if any(meta.get(key) != value for key, value in collection.index_stamp.items()):
         return []  # stale, not damaged: rebuilt when next used
-    problem = ann.index_problem(collection.path / INDEX, meta, collection._index_dim())
+    problem = ann.index_problem(collection.path / INDEX, meta, collection.index_dim())
     if problem is not None:
         return [problem]
     index = ann.load_index(collection.path / INDEX, collection.index_spec)
@@ -301,17 +310,6 @@ def index_problems(collection: Collection) -> list[str]:
     if index.ntotal != len(ids):
         return [f"it holds {index.ntotal} descriptors, the collection {len(ids)}"]
     return _sample_disagreements(index, ids, collection.prepare(raw) if len(raw) else raw)
-
-
-def _read_meta(path: Path) -> dict | None:
-    import json
-
-    if not path.exists():
-        return None
-    meta = json.loads(path.read_text())
-    if not isinstance(meta, dict):
-        raise ValueError("not a JSON object")
-    return meta
 
 
 def _sample_disagreements(index: ann.VectorIndex, ids: np.ndarray, xb: np.ndarray) -> list[str]:
@@ -344,9 +342,7 @@ def _check_index(collection: Collection, report: CheckReport, repair: bool) -> N
     action = None
     if repair:
         index = collection.build_index()
-        collection._save_index(
-            index, (int(collection.settings["generation"]), collection.settings.get("whitening"))
-        )
+        collection.save_index(index)
         action = f"rebuilt from the descriptors ({index.ntotal} vectors)"
     report.findings.append(Finding("index", f"{INDEX}: " + "; ".join(problems), repair=action))
 
@@ -381,14 +377,12 @@ def rebuild_database(path: Path) -> str:
     nothing to rebuild from."""
     mirrored = recovery.read_mirror(path)
     if mirrored is None or not mirrored.get("root"):
-        raise CollectionError(
-            f"{path}/{recovery.SETTINGS_MIRROR} is missing or unreadable: nothing to rebuild from"
-        )
+        raise CollectionError(f"{path}/{SETTINGS_MIRROR} is missing or unreadable: nothing to rebuild from")
     aside = _move_aside(path, DATABASE)
     for derived in (INDEX, INDEX_META):
         (path / derived).unlink(missing_ok=True)
     vectors = VectorFile(path / VECTORS, int(mirrored["dim"]))
-    hashes = recovery.RowHashes(path / recovery.ROW_HASHES).read()[: vectors.row_count()]
+    hashes = recovery.RowHashes(path / ROW_HASHES).read()[: vectors.row_count()]
     connection = store.connect(path / DATABASE)
     try:
         store.migrate(connection)
@@ -402,7 +396,7 @@ def rebuild_database(path: Path) -> str:
         connection.close()
     with Collection.open(path) as collection:
         report = collection.sync(commit_every=2**62)  # one commit: taken-back rows no file names yet stay
-        if mirrored.get("whitening") and (path / "whitening.npz").exists():
+        if mirrored.get("whitening") and (path / WHITENING).exists():
             collection._write_settings({"whitening": mirrored["whitening"]})
     return (
         f"database rebuilt (the damaged one kept as {aside.name}): {taken} descriptors taken back by content "
@@ -432,5 +426,5 @@ def _move_aside(path: Path, name: str) -> Path:
     for suffix in ("", "-wal", "-shm"):
         source = path / f"{name}{suffix}"
         if source.exists():
-            os.replace(source, Path(f"{aside}{suffix}"))
+            replace(source, Path(f"{aside}{suffix}"))
     return aside

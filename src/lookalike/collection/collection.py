@@ -1,67 +1,39 @@
-"""A folder's index on disk: SQLite metadata + raw float32 descriptors + a faiss index, kept incrementally.
+"""A folder's index on disk: SQLite metadata + raw float32 descriptors + a vector index, kept incrementally.
 
-Layout of a collection directory::
-
-    collection.sqlite   images, contents, settings (schema version in PRAGMA user_version)
-    vectors.f32         raw descriptors, one float32 row per distinct content (see vectors.py)
-    index.faiss         faiss index of the (whitened) descriptors, ids = image ids; rebuilt when stale
-    index.json          the database generation and whitening the index was built from
-    whitening.npz       optional whitening applied on top of the raw descriptors
-    write.lock          held (flock) by the one process that writes
+:class:`Collection` composes the parts: the database (:mod:`.store`, which holds all SQL), the descriptor
+file (:mod:`.vectors`), the index (:mod:`.ann`), a :class:`~.query.Searcher` and a :class:`~.sync.Syncer`,
+each given the index or the describer it works with. :mod:`.layout` lists the files of a collection.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
-import os
-import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lookalike.atomic import atomic_write
+from lookalike.atomic import replace
 from lookalike.collection import ann, recovery, store
-from lookalike.collection import query as querying
-from lookalike.collection import sync as syncing
-from lookalike.collection.query import BBox, FileHits, Query
-from lookalike.collection.sync import DEFAULT_COMMIT_EVERY, ProgressCallback, SyncReport
+from lookalike.collection.layout import DATABASE, INDEX, INDEX_META, REBUILT, VECTORS, WHITENING, write_lock
+from lookalike.collection.query import BBox, FileHits, LazyDescriber, Query, Searcher, SearchHit
+from lookalike.collection.sync import DEFAULT_COMMIT_EVERY, ProgressCallback, Syncer, SyncReport
 from lookalike.collection.vectors import VectorFile, row_checksums
-from lookalike.errors import (
-    CollectionBusyError,
-    CollectionError,
-    DamagedCollectionError,
-    SettingsMismatchError,
-)
-from lookalike.extract import DescriptorSettings, Extractor, resolve_descriptor
+from lookalike.errors import CollectionError, DamagedCollectionError, SettingsMismatchError
+from lookalike.extract import Describer, DescriptorSettings, Extractor, resolve_descriptor
 from lookalike.rerank import Chain
 from lookalike.walk import canonical_path
 from lookalike.whitening import Whitening, load_whitening, save_whitening
 
+__all__ = ["INDEX", "INDEX_META", "VECTORS", "BBox", "Collection", "CollectionInfo", "SearchHit"]
+
 log = logging.getLogger(__name__)
 
-DATABASE, VECTORS, INDEX, INDEX_META, WHITENING, LOCK = (
-    "collection.sqlite",
-    "vectors.f32",
-    "index.faiss",
-    "index.json",
-    "whitening.npz",
-    "write.lock",
-)
 IDENTITY_KEYS = ("model", "weights_sha256", "pooling", "gem_p", "imsize", "scales", "dim")
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    rank: int
-    id: int
-    path: str
-    score: float
 
 
 @dataclass(frozen=True)
@@ -100,24 +72,21 @@ class Collection:
         database = self.path / DATABASE
         if not database.exists():
             raise CollectionError(f"{self.path} is not a lookalike collection (no {DATABASE})")
-        try:
+        with store.storage_errors(database):
             self.db = store.connect(database, readonly=readonly)
-        except sqlite3.Error as exc:
-            raise store.storage_error(exc, database) from exc
         try:
-            self._settings = self._open_database(readonly)
+            with store.storage_errors(database):
+                self._settings = self._open_database(readonly)
             self.vectors = VectorFile(self.path / VECTORS, int(self._settings["dim"]))
             if verify:
                 self.vectors.require_rows(int(self._settings["vector_rows"]))
-        except BaseException as exc:
+        except BaseException:
             self.db.close()
-            if isinstance(exc, sqlite3.Error):
-                raise store.storage_error(exc, database) from exc
             raise
         self._extractor: Extractor | None = None
         self._requested: DescriptorSettings | None = None  # as asked for (precision included), when known
         self._index: ann.VectorIndex | None = None
-        self._index_key: tuple[int, str | None] | None = None
+        self._index_key: dict[str, object] | None = None
         self._whitening: Whitening | None = None
         self._whitening_stamp: tuple[int, int, int] | None = None
         self._lock_handle: int | None = None
@@ -164,7 +133,7 @@ class Collection:
                 store.write_settings(connection, initial)
             connection.close()
             recovery.write_mirror(path, initial)
-            os.replace(building, path / DATABASE)
+            replace(building, path / DATABASE)
         collection = cls(path, readonly=False)
         collection._requested = settings
         return collection
@@ -191,15 +160,7 @@ class Collection:
         path = Path(path)
         if rebuild and (path / DATABASE).exists():
             with write_lock(path):
-                for name in (
-                    DATABASE,
-                    DATABASE + "-wal",
-                    DATABASE + "-shm",
-                    VECTORS,
-                    INDEX,
-                    INDEX_META,
-                    WHITENING,
-                ):
+                for name in REBUILT:
                     (path / name).unlink(missing_ok=True)
         if not (path / DATABASE).exists():
             return cls.create(path, settings, root)
@@ -268,19 +229,21 @@ class Collection:
             self._extractor = extractor
         return self._extractor
 
+    @property
+    def describer(self) -> Describer:
+        """The collection's describer: the :attr:`extractor`, built only when something is to be described
+        (a search by image id or by descriptor never loads the network)."""
+        return LazyDescriber(lambda: self.extractor)
+
     def _write_settings(self, values: dict[str, Any]) -> None:
         with self._storage(), store.transaction(self.db):
             store.write_settings(self.db, values)
         self._settings.update(values)
         recovery.write_mirror(self.path, self._settings)
 
-    @contextmanager
-    def _storage(self) -> Iterator[None]:
+    def _storage(self) -> AbstractContextManager[None]:
         """SQLite failures as a CollectionError that names the problem and the way out."""
-        try:
-            yield
-        except sqlite3.Error as exc:
-            raise store.storage_error(exc, self.path / DATABASE) from exc
+        return store.storage_errors(self.path / DATABASE)
 
     def refresh_settings(self) -> None:
         with self._storage():
@@ -348,9 +311,7 @@ class Collection:
         return len(ids)
 
     def _bump_generation(self) -> None:
-        generation = int(self._settings.get("generation", 0)) + 1
-        store.write_settings(self.db, {"generation": generation})
-        self._settings["generation"] = generation
+        self._settings["generation"] = store.bump_generation(self.db)
 
     # -- reading --------------------------------------------------------------------------------------
 
@@ -370,11 +331,7 @@ class Collection:
     def raw_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(image ids, raw descriptors) of every indexed image, in id order, from one consistent snapshot."""
         with self._storage():
-            self.db.execute("BEGIN")
-            try:
-                pairs = np.array(list(store.indexed_rows(self.db)), dtype=np.int64).reshape(-1, 2)
-            finally:
-                self.db.execute("COMMIT")
+            pairs = np.array(store.indexed_rows(self.db), dtype=np.int64).reshape(-1, 2)
         return pairs[:, 0], self.verified_rows(pairs[:, 1])
 
     def verified_rows(self, rows: np.ndarray) -> np.ndarray:
@@ -444,16 +401,28 @@ class Collection:
         """The faiss index of the current generation: loaded from disk when fresh and intact, else rebuilt
         from the descriptors (and saved when writable). A damaged index file is never used."""
         self.refresh_settings()
-        key = (int(self._settings.get("generation", 0)), self._settings.get("whitening"))
+        key = self.index_stamp
         if self._index is not None and self._index_key == key:
             return self._index
-        index = self._saved_index(key)
+        with self._storage():
+            count = store.counts(self.db)["ok"]
+        index = ann.load_saved(
+            self.path / INDEX, self.path / INDEX_META, key, self.index_spec, self.index_dim(), count
+        )
         if index is None:
             index = self.build_index()
             if not self.readonly:
-                self._save_index(index, key)
+                self.save_index(index)
         self._index, self._index_key = index, key
         return index
+
+    @property
+    def index_stamp(self) -> dict[str, object]:
+        """What the index must have been built from: the database generation and the whitening."""
+        return {
+            "generation": int(self._settings.get("generation", 0)),
+            "whitening": self._settings.get("whitening"),
+        }
 
     @property
     def index_spec(self) -> ann.IndexSpec:
@@ -463,39 +432,19 @@ class Collection:
     def build_index(self) -> ann.VectorIndex:
         """A new index of every indexed image's (whitened) descriptor."""
         ids, raw = self.raw_vectors()
-        xb = self.prepare(raw) if len(raw) else raw.reshape(0, self._index_dim())
+        xb = self.prepare(raw) if len(raw) else raw.reshape(0, self.index_dim())
         return ann.build_index(xb, ids, self.index_spec)
 
-    def _saved_index(self, key: tuple[int, str | None]) -> ann.VectorIndex | None:
-        """The saved index if it was built from this generation and is intact (checksum, count, dimension)."""
+    def save_index(self, index: ann.VectorIndex) -> None:
+        """Save ``index`` as the index of the current generation and whitening; a failure is logged, never
+        raised (the index is rebuilt from the descriptors)."""
         try:
-            meta = json.loads((self.path / INDEX_META).read_text())
-            if (meta["generation"], meta["whitening"]) != key or meta.get(
-                "type", "flat"
-            ) != self.index_spec.type:
-                return None
-            problem = ann.index_problem(self.path / INDEX, meta, self._index_dim())
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        if problem is None:
-            index = ann.load_index(self.path / INDEX, self.index_spec)
-            with self._storage():
-                indexed = store.counts(self.db)["ok"]
-            if index.ntotal == indexed:
-                return index
-            problem = f"it holds {index.ntotal} descriptors, the collection {indexed}"
-        log.warning("%s: %s; the index is rebuilt from the descriptors", self.path / INDEX, problem)
-        return None
-
-    def _save_index(self, index: ann.VectorIndex, key: tuple[int, str | None]) -> None:
-        try:
-            digest = ann.save_index(index, self.path / INDEX)
-            with atomic_write(self.path / INDEX_META, "w") as handle:
-                json.dump({"generation": key[0], "whitening": key[1], **digest}, handle)
+            ann.save_with_meta(index, self.path / INDEX, self.path / INDEX_META, self.index_stamp)
         except (OSError, CollectionError) as exc:
             log.warning("%s not saved (%s); it is rebuilt from the descriptors when next needed", INDEX, exc)
 
-    def _index_dim(self) -> int:
+    def index_dim(self) -> int:
+        """The dimension of what the index holds: the whitening's output, or the descriptors'."""
         whitening = self.whitening
         return whitening.dim if whitening is not None else self.dim
 
@@ -536,7 +485,7 @@ class Collection:
             raise CollectionError(f"{folder} is not a folder")
         if self.root is None:
             self._write_settings({"root": str(folder.resolve())})
-        return syncing.sync(self, folder, progress, commit_every)
+        return self._synced(lambda syncer: syncer.sync(folder, progress, commit_every))
 
     def add(
         self,
@@ -545,7 +494,25 @@ class Collection:
         commit_every: int = DEFAULT_COMMIT_EVERY,
     ) -> SyncReport:
         """Index these files (new or changed ones)."""
-        return syncing.add(self, paths, progress, commit_every)
+        return self._synced(lambda syncer: syncer.add(paths, progress, commit_every))
+
+    def _synced(self, run: Callable[[Syncer], SyncReport]) -> SyncReport:
+        """``run`` a :class:`Syncer` under the write lock, then bring the index up to date. The network is
+        built first, before the clock starts."""
+        describer = self.extractor
+        started = time.perf_counter()
+        with self.writing():
+            try:
+                report = run(Syncer(self.db, self.vectors, describer, self))
+            finally:
+                self.refresh_settings()
+            self.index()
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def searcher(self) -> Searcher:
+        """A :class:`Searcher` of the current generation's index, describing queries with :attr:`describer`."""
+        return Searcher(self.index(), self.describer, self)
 
     def search(
         self, query: Query, k: int = 30, bbox: BBox | None = None, rerank: str | Chain = "none"
@@ -553,19 +520,19 @@ class Collection:
         """The ``k`` most similar indexed images to an image, a file, an image id or a raw descriptor,
         re-ranked by the chain ``rerank`` (text such as ``"dba,aqe"`` or a parsed :class:`Chain`; an
         indexed query never counts among its own neighbours, see :mod:`lookalike.rerank`)."""
-        return querying.search(self, query, k, bbox, rerank)
+        return self.searcher().search(query, k, bbox, rerank)
 
     def search_files(
         self, paths: Sequence[str | Path], k: int = 30, rerank: str | Chain = "none"
     ) -> list[FileHits]:
         """Hits for many query files at once, in order; an unreadable file comes back with its ``error``."""
-        return querying.search_each(self, paths, k, rerank)
+        return self.searcher().search_files(paths, k, rerank)
 
     def search_vectors(
         self, raw: np.ndarray, k: int = 30, rerank: str | Chain = "none"
     ) -> list[list[SearchHit]]:
         """Hits for each raw descriptor row of ``raw`` (Q, D)."""
-        return querying.search_vectors(self, raw, k, rerank)
+        return self.searcher().search_vectors(raw, k, rerank)
 
 
 def _file_stamp(path: Path) -> tuple[int, int, int] | None:
@@ -575,17 +542,3 @@ def _file_stamp(path: Path) -> tuple[int, int, int] | None:
     except FileNotFoundError:
         return None
     return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-
-
-@contextmanager
-def write_lock(path: Path) -> Iterator[int]:
-    """The collection's one-writer lock (``flock`` on ``write.lock``), held for the block or refused."""
-    handle = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CollectionBusyError(f"{path} is being written by another process") from None
-        yield handle
-    finally:
-        os.close(handle)

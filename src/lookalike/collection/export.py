@@ -5,16 +5,31 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from lookalike.atomic import atomic_write
-from lookalike.collection.collection import Collection
+from lookalike.collection.store import ImageRecord
+from lookalike.whitening import Whitening
 
 CSV_COLUMNS = ("index", "id", "path", "width", "height", "sha256")
 
 
-def export_collection(collection: Collection, folder: str | Path) -> dict[str, Path]:
+class Exported(Protocol):
+    """What an export reads of a collection."""
+
+    @property
+    def whitening(self) -> Whitening | None: ...
+
+    def raw_vectors(self) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def records(self, ids: list[int]) -> dict[int, ImageRecord]: ...
+
+    def prepare(self, raw: np.ndarray) -> np.ndarray: ...
+
+
+def export_collection(collection: Exported, folder: str | Path) -> dict[str, Path]:
     """Row i of ``descriptors.npy`` (N, D) float32 is the image on line i of ``images.csv``.
 
     With whitening, ``descriptors_whitened.npy`` holds what the index searches. Files are written atomically.

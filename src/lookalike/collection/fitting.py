@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
-from lookalike.collection.collection import Collection
 from lookalike.errors import WhiteningError
-from lookalike.evaluate.datasets import labelled_folder
+from lookalike.extract import Describer
+from lookalike.labels import labelled_folder
 from lookalike.whitening import (
     MIN_PCA_SAMPLES,
     PcaChoice,
@@ -18,8 +20,17 @@ from lookalike.whitening import (
 MAX_PAIRS_PER_CLASS = 200
 
 
+class Descriptors(Protocol):
+    """What fitting reads of a collection: its raw descriptors, and the describer that made them."""
+
+    @property
+    def describer(self) -> Describer: ...
+
+    def raw_vectors(self) -> tuple[np.ndarray, np.ndarray]: ...
+
+
 def fit_collection_pca(
-    collection: Collection, dim: int | None = None, shrinkage: float | None = None
+    collection: Descriptors, dim: int | None = None, shrinkage: float | None = None
 ) -> Whitening:
     """PCA-whitening fitted on the collection's own raw descriptors; :func:`fit_collection_pca_choice`
     without the explanation."""
@@ -27,7 +38,7 @@ def fit_collection_pca(
 
 
 def fit_collection_pca_choice(
-    collection: Collection, dim: int | None = None, shrinkage: float | None = None
+    collection: Descriptors, dim: int | None = None, shrinkage: float | None = None
 ) -> tuple[Whitening, PcaChoice]:
     """PCA-whitening fitted on the collection's own raw descriptors, and how it was chosen.
 
@@ -66,11 +77,11 @@ def same_class_pairs(
     return np.concatenate(pairs).astype(np.int64)
 
 
-def fit_learned_from_folder(collection: Collection, folder: str, dim: int | None = None) -> Whitening:
+def fit_learned_from_folder(collection: Descriptors, folder: str, dim: int | None = None) -> Whitening:
     """Learned discriminative whitening from same-class pairs of a labelled folder (class = sub-folder)."""
     dataset = labelled_folder(folder)
     vectors, labels = [], []
-    for result in collection.extractor.describe_files(dataset.paths):
+    for result in collection.describer.describe_files(dataset.paths):
         if result.vector is not None:
             vectors.append(result.vector)
             labels.append(dataset.labels[result.index])

@@ -1,35 +1,82 @@
 """Searching a collection by image, file, indexed image or descriptor, re-ranked by a chain from
-:mod:`lookalike.rerank` (its convention: an indexed query never counts among its own neighbours)."""
+:mod:`lookalike.rerank` (its convention: an indexed query never counts among its own neighbours).
+
+A :class:`Searcher` is given the index to search, the describer that turns query images into descriptors,
+and the collection's images (records and raw descriptors) through its constructor; it knows no more of the
+collection than the :class:`Images` protocol says.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
 from lookalike.collection import ann
+from lookalike.collection.store import ImageRecord
 from lookalike.errors import CollectionError
+from lookalike.extract import Describer, FileDescriptor, ResolvedDescriptor
 from lookalike.images import load_image
 from lookalike.rerank import NONE, Chain, parse_chain
-
-if TYPE_CHECKING:
-    from lookalike.collection.collection import Collection, SearchHit
 
 Query = np.ndarray | Image.Image | int | str | Path
 BBox = tuple[float, float, float, float]
 
 
-def query_vector(collection: Collection, query: Query, bbox: BBox | None = None) -> np.ndarray:
+@dataclass(frozen=True)
+class SearchHit:
+    rank: int
+    id: int
+    path: str
+    score: float
+
+
+@dataclass(frozen=True)
+class FileHits:
+    """The hits of one query file, or why it could not be read (then ``hits`` is empty)."""
+
+    path: Path
+    hits: list[SearchHit]
+    error: str | None = None
+
+
+class Images(Protocol):
+    """What searching reads of a collection: image records, raw descriptors and how the index sees them."""
+
+    @property
+    def dim(self) -> int: ...
+
+    def record(self, path: str | Path) -> ImageRecord | None: ...
+
+    def records(self, ids: list[int]) -> dict[int, ImageRecord]: ...
+
+    def absolute_path(self, name: str) -> Path: ...
+
+    def vectors_of(self, image_ids: Sequence[int]) -> np.ndarray: ...
+
+    def raw_vectors(self) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def prepare(self, raw: np.ndarray) -> np.ndarray: ...
+
+
+class DescribedImages(Images, Protocol):
+    """Images that come with the describer of their descriptors."""
+
+    @property
+    def describer(self) -> Describer: ...
+
+
+def query_vector(images: DescribedImages, query: Query, bbox: BBox | None = None) -> np.ndarray:
     """The raw ``(D,)`` descriptor of a query (see :func:`resolve_query`)."""
-    return resolve_query(collection, query, bbox)[0]
+    return resolve_query(images, images.describer, query, bbox)[0]
 
 
 def resolve_query(
-    collection: Collection, query: Query, bbox: BBox | None = None
+    images: Images, describer: Describer, query: Query, bbox: BBox | None = None
 ) -> tuple[np.ndarray, int | None]:
     """The raw ``(D,)`` descriptor of a query, and its image id when the query *is* an indexed image.
 
@@ -42,9 +89,9 @@ def resolve_query(
         if bbox is not None:
             raise CollectionError("a bbox crops an image; it cannot apply to a descriptor query")
         vector = np.asarray(query, dtype=np.float32).reshape(-1)
-        if vector.shape[0] != collection.dim:
+        if vector.shape[0] != images.dim:
             raise CollectionError(
-                f"query descriptor has dimension {vector.shape[0]}, the collection {collection.dim}"
+                f"query descriptor has dimension {vector.shape[0]}, the collection {images.dim}"
             )
         return vector, None
     if isinstance(query, bool):
@@ -52,33 +99,34 @@ def resolve_query(
     if isinstance(query, (int, np.integer)):
         query = int(query)
         if bbox is None:
-            return collection.vector(query), query
-        record = collection.records([query]).get(query)
+            return images.vectors_of([query])[0], query
+        record = images.records([query]).get(query)
         if record is None:
-            raise CollectionError(f"image {query} is not in {collection.path}")
-        query = collection.absolute_path(record.path)
+            raise CollectionError(f"image {query} is not in the collection")
+        query = images.absolute_path(record.path)
     if isinstance(query, Image.Image):
-        return collection.extractor.describe(query.convert("RGB"), bbox=bbox), None
+        return describer.describe(query.convert("RGB"), bbox=bbox), None
     path = Path(query)
-    record = collection.record(path)
-    if record is not None and record.row is not None and bbox is None and _unchanged(collection, record):
-        return collection.vector(record.id), record.id
+    record = images.record(path)
+    if record is not None and bbox is None and _unchanged(images, record):
+        return images.vectors_of([record.id])[0], record.id
     if not path.exists() and record is not None:
-        path = collection.absolute_path(record.path)
-    return collection.extractor.describe(load_image(path), bbox=bbox), None
+        path = images.absolute_path(record.path)
+    return describer.describe(load_image(path), bbox=bbox), None
 
 
-def _indexed_id(collection: Collection, path: Path) -> int:
+def indexed_id(images: Images, path: Path) -> int:
     """The image id of a file that is indexed and unchanged since, else −1."""
-    record = collection.record(path)
-    if record is not None and record.row is not None and _unchanged(collection, record):
-        return record.id
-    return -1
+    record = images.record(path)
+    return record.id if record is not None and _unchanged(images, record) else -1
 
 
-def _unchanged(collection: Collection, record) -> bool:
+def _unchanged(images: Images, record: ImageRecord) -> bool:
+    """Indexed, and the file has its recorded size and mtime (a file that cannot be seen is not changed)."""
+    if record.row is None:
+        return False
     try:
-        stat = collection.absolute_path(record.path).stat()
+        stat = images.absolute_path(record.path).stat()
     except OSError:
         return True
     return (stat.st_size, stat.st_mtime_ns) == (record.size, record.mtime_ns)
@@ -88,8 +136,8 @@ class IndexedVectors:
     """A collection's index as the :class:`lookalike.rerank.Database` re-rankers search: ids are image ids,
     vectors are the indexed (whitened) descriptors."""
 
-    def __init__(self, collection: Collection, index: ann.VectorIndex) -> None:
-        self.collection = collection
+    def __init__(self, images: Images, index: ann.VectorIndex) -> None:
+        self.images = images
         self.index = index
 
     @property
@@ -107,79 +155,93 @@ class IndexedVectors:
         found = ids >= 0
         out = np.zeros((*ids.shape, self.dim), np.float32)
         if found.any():
-            out[found] = self.collection.prepare(self.collection.vectors_of([int(i) for i in ids[found]]))
+            out[found] = self.images.prepare(self.images.vectors_of([int(i) for i in ids[found]]))
         return out
 
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        ids, raw = self.collection.raw_vectors()
-        return ids, self.collection.prepare(raw)
+        ids, raw = self.images.raw_vectors()
+        return ids, self.images.prepare(raw)
 
 
-def search_vectors(
-    collection: Collection, raw: np.ndarray, k: int = 30, rerank: str | Chain = NONE
-) -> list[list[SearchHit]]:
-    """Top-``k`` hits for each raw descriptor row of ``raw`` (Q, D), re-ranked by the chain ``rerank``
-    (such as ``"dba,aqe"``; see :mod:`lookalike.rerank`). A descriptor has no identity: an indexed copy of
-    it is a neighbour like any other."""
-    return _search(collection, np.atleast_2d(raw), None, k, parse_chain(rerank))
+class LazyDescriber:
+    """A :class:`Describer` that asks ``build`` for the real one each time it is used, so that holding it
+    builds nothing: a search by image id or by descriptor never loads a network."""
+
+    def __init__(self, build: Callable[[], Describer]) -> None:
+        self._build = build
+
+    @property
+    def resolved(self) -> ResolvedDescriptor:
+        return self._build().resolved
+
+    @property
+    def dim(self) -> int:
+        return self._build().dim
+
+    def describe(self, image: Image.Image, bbox: BBox | None = None) -> np.ndarray:
+        return self._build().describe(image, bbox)
+
+    def describe_files(self, paths: Iterable[str | Path]) -> Iterator[FileDescriptor]:
+        return self._build().describe_files(paths)
 
 
-def _search(
-    collection: Collection, raw: np.ndarray, own: np.ndarray | None, k: int, chain: Chain
-) -> list[list[SearchHit]]:
-    """Hits per raw descriptor row; ``own`` holds each row's image id when it is an indexed image (−1 when
-    not), which re-ranking never counts among that query's neighbours."""
-    from lookalike.collection.collection import SearchHit
+class Searcher:
+    """Top-``k`` search of ``index`` (built from ``images``' prepared descriptors, ids = image ids); query
+    images and files are described by ``describer``, which is asked for nothing when the query is an indexed
+    image or a descriptor."""
 
-    if k < 1:
-        raise CollectionError("k must be at least 1")
-    index = collection.index()
-    if index.ntotal == 0:
-        return [[] for _ in range(len(raw))]
-    ranking = chain.search(IndexedVectors(collection, index), collection.prepare(raw), k, own)
-    records = collection.records([int(i) for i in np.unique(ranking.ids) if i >= 0])
-    results = []
-    for row_scores, row_ids in zip(ranking.scores, ranking.ids, strict=True):
-        hits: list[SearchHit] = []
-        for score, image_id in zip(row_scores, row_ids, strict=True):
-            record = records.get(int(image_id))
-            if image_id >= 0 and record is not None:
-                hits.append(SearchHit(len(hits) + 1, int(image_id), record.path, float(score)))
-        results.append(hits)
-    return results
+    def __init__(self, index: ann.VectorIndex, describer: Describer, images: Images) -> None:
+        self.index = index
+        self.describer = describer
+        self.images = images
 
+    def search(
+        self, query: Query, k: int = 30, bbox: BBox | None = None, rerank: str | Chain = NONE
+    ) -> list[SearchHit]:
+        """Hits for one query (see :func:`resolve_query`), re-ranked by the chain ``rerank``."""
+        chain = parse_chain(rerank)
+        vector, own = resolve_query(self.images, self.describer, query, bbox)
+        return self._search(vector[None], np.array([-1 if own is None else own]), k, chain)[0]
 
-def search(
-    collection: Collection, query: Query, k: int = 30, bbox: BBox | None = None, rerank: str | Chain = NONE
-) -> list[SearchHit]:
-    chain = parse_chain(rerank)
-    vector, own = resolve_query(collection, query, bbox)
-    return _search(collection, vector[None], np.array([-1 if own is None else own]), k, chain)[0]
+    def search_vectors(
+        self, raw: np.ndarray, k: int = 30, rerank: str | Chain = NONE
+    ) -> list[list[SearchHit]]:
+        """Top-``k`` hits for each raw descriptor row of ``raw`` (Q, D), re-ranked by the chain ``rerank``
+        (such as ``"dba,aqe"``; see :mod:`lookalike.rerank`). A descriptor has no identity: an indexed copy
+        of it is a neighbour like any other."""
+        return self._search(np.atleast_2d(raw), None, k, parse_chain(rerank))
 
+    def search_files(
+        self, paths: Sequence[str | Path], k: int = 30, rerank: str | Chain = NONE
+    ) -> list[FileHits]:
+        """Hits for many query files at once, in order; an unreadable file is reported, never dropped. A
+        file that is indexed and unchanged is that image, as in :meth:`search`."""
+        chain = parse_chain(rerank)
+        described = list(self.describer.describe_files(paths))
+        vectors = [r.vector for r in described if r.vector is not None]
+        own = np.array([indexed_id(self.images, Path(r.path)) for r in described if r.vector is not None])
+        hits = iter(self._search(np.stack(vectors), own.astype(np.int64), k, chain) if vectors else [])
+        return [
+            FileHits(r.path, next(hits)) if r.vector is not None
+            else FileHits(r.path, [], r.error.reason if r.error else "unreadable")
+            for r in described
+        ]  # fmt: skip
 
-@dataclass(frozen=True)
-class FileHits:
-    """The hits of one query file, or why it could not be read (then ``hits`` is empty)."""
-
-    path: Path
-    hits: list[SearchHit]
-    error: str | None = None
-
-
-def search_each(
-    collection: Collection, paths: Sequence[str | Path], k: int = 30, rerank: str | Chain = NONE
-) -> list[FileHits]:
-    """Hits for many query files at once, in order; an unreadable file is reported, never dropped. A file
-    that is indexed and unchanged is that image, as in :func:`search`."""
-    chain = parse_chain(rerank)
-    described = list(collection.extractor.describe_files(paths))
-    vectors = [r.vector for r in described if r.vector is not None]
-    own = np.array(
-        [_indexed_id(collection, Path(r.path)) for r in described if r.vector is not None], np.int64
-    )
-    hits = iter(_search(collection, np.stack(vectors), own, k, chain) if vectors else [])
-    return [
-        FileHits(r.path, next(hits)) if r.vector is not None
-        else FileHits(r.path, [], r.error.reason if r.error else "unreadable")
-        for r in described
-    ]  # fmt: skip
+    def _search(self, raw: np.ndarray, own: np.ndarray | None, k: int, chain: Chain) -> list[list[SearchHit]]:
+        """Hits per raw descriptor row; ``own`` holds each row's image id when it is an indexed image (−1
+        when not), which re-ranking never counts among that query's neighbours."""
+        if k < 1:
+            raise CollectionError("k must be at least 1")
+        if self.index.ntotal == 0:
+            return [[] for _ in range(len(raw))]
+        ranking = chain.search(IndexedVectors(self.images, self.index), self.images.prepare(raw), k, own)
+        records = self.images.records([int(i) for i in np.unique(ranking.ids) if i >= 0])
+        results = []
+        for row_scores, row_ids in zip(ranking.scores, ranking.ids, strict=True):
+            hits: list[SearchHit] = []
+            for score, image_id in zip(row_scores, row_ids, strict=True):
+                record = records.get(int(image_id))
+                if image_id >= 0 and record is not None:
+                    hits.append(SearchHit(len(hits) + 1, int(image_id), record.path, float(score)))
+            results.append(hits)
+        return results

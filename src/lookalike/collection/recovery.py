@@ -15,14 +15,13 @@ files whose content has a row are matched by hash (no decoding), only the rest a
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from lookalike.atomic import atomic_write
-from lookalike.errors import CollectionError
+from lookalike.collection.layout import SETTINGS_MIRROR
+from lookalike.collection.vectors import write_records
 
-SETTINGS_MIRROR, ROW_HASHES = "settings.json", "rows.sha256"
 MIRRORED_KEYS = (
     "model",
     "weights_sha256",
@@ -66,21 +65,8 @@ class RowHashes:
         self.path = path
 
     def write(self, start_row: int, sha256s: list[str]) -> None:
-        if not sha256s:
-            return
-        data = b"".join(bytes.fromhex(sha) for sha in sha256s)
-        try:
-            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                os.pwrite(descriptor, data, start_row * HASH_BYTES)
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-        except OSError as exc:
-            raise CollectionError(
-                f"cannot write {self.path}: {exc.strerror or exc}; nothing of this step was committed. Free "
-                "some space and run the command again: it resumes"
-            ) from exc
+        if sha256s:
+            write_records(self.path, b"".join(bytes.fromhex(sha) for sha in sha256s), start_row * HASH_BYTES)
 
     def read(self) -> list[str]:
         try:

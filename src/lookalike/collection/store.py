@@ -1,4 +1,5 @@
-"""The collection's SQLite metadata: schema version, numbered migrations, and the queries the rest uses.
+"""The collection's SQLite metadata: schema version, numbered migrations, and every statement the rest of
+the collection runs, each behind a named function (no SQL is written anywhere else).
 
 One row per image file (path relative to the indexed root) and one row per distinct content (sha256) that
 owns a row of the vector file, so identical files are described and stored once.
@@ -13,10 +14,11 @@ import sqlite3
 import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from lookalike.collection.layout import DATABASE as DATABASE
 from lookalike.errors import CollectionError, DamagedCollectionError
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,10 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 @dataclass(frozen=True)
 class ImageRecord:
+    """One image file as the collection records it: its name (relative to the root when under it), size and
+    mtime when indexed, the sha256 of its content, and that content's descriptor row (None when it could not
+    be described: ``status`` is then ``failed`` and ``error`` says why)."""
+
     id: int
     path: str
     size: int
@@ -67,23 +73,8 @@ class ImageRecord:
     row: int | None
 
 
-@dataclass(frozen=True)
-class ImageRow:
-    """What one indexing step records of a file (its id is kept, or the next free one)."""
-
-    path: str
-    size: int
-    mtime_ns: int
-    sha256: str | None
-    width: int | None
-    height: int | None
-    status: str
-    error: str | None
-    row: int | None
-
-
-DATABASE = "collection.sqlite"
-IMAGE_COLUMNS = "id, path, size, mtime_ns, sha256, width, height, status, error, row"
+UNASSIGNED_ID = 0  # ids start at 1: the id of a record not yet written, which ``record_image`` assigns
+IMAGE_COLUMNS = ", ".join(f.name for f in fields(ImageRecord))
 CHECKED_COLUMNS = IMAGE_COLUMNS + ", checksum"
 MAX_ID = 2**63 - 1  # SQLite integers are signed 64-bit
 
@@ -111,6 +102,15 @@ def storage_error(exc: sqlite3.Error, database: Path | str) -> CollectionError:
         f"{database} is damaged ({text}). Run `lookalike check -c {Path(database).parent}` to see what can "
         "be saved"
     )
+
+
+@contextmanager
+def storage_errors(database: Path) -> Iterator[None]:
+    """SQLite failures inside the block as the CollectionError of :func:`storage_error`."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise storage_error(exc, database) from exc
 
 
 def _disk_nearly_full(folder: Path) -> bool:
@@ -239,11 +239,14 @@ def image_by_path(connection: sqlite3.Connection, path: str) -> ImageRecord | No
     return _record(row) if row else None
 
 
-def indexed_rows(connection: sqlite3.Connection) -> Iterator[tuple[int, int]]:
-    """(image id, vector row) of every image that has a descriptor, by id."""
-    for row in connection.execute(f"SELECT {CHECKED_COLUMNS} FROM images WHERE status = 'ok' ORDER BY id"):
-        record = _record(row)
-        yield record.id, record.row  # type: ignore[misc]
+def indexed_rows(connection: sqlite3.Connection) -> list[tuple[int, int]]:
+    """(image id, vector row) of every image that has a descriptor, by id, read in one transaction."""
+    connection.execute("BEGIN")
+    try:
+        rows = connection.execute(f"SELECT {CHECKED_COLUMNS} FROM images WHERE status = 'ok' ORDER BY id")
+        return [(record.id, record.row) for record in map(_record, rows)]  # type: ignore[misc]
+    finally:
+        connection.execute("COMMIT")
 
 
 def content_checksums(connection: sqlite3.Connection, rows: list[int] | None = None) -> dict[int, int | None]:
@@ -286,6 +289,14 @@ def next_image_id(connection: sqlite3.Connection) -> int:
     return int(connection.execute("SELECT COALESCE(MAX(id) + 1, 1) FROM images").fetchone()[0])
 
 
+def bump_generation(connection: sqlite3.Connection) -> int:
+    """Count one more change to what the index holds (in the caller's transaction); returns the new count."""
+    row = connection.execute("SELECT value FROM settings WHERE key = 'generation'").fetchone()
+    generation = (json.loads(row[0]) if row else 0) + 1
+    write_settings(connection, {"generation": generation})
+    return generation
+
+
 def counts(connection: sqlite3.Connection) -> dict[str, int]:
     result = {"ok": 0, "failed": 0}
     for status, count in connection.execute("SELECT status, COUNT(*) FROM images GROUP BY status"):
@@ -298,12 +309,11 @@ def add_content(connection: sqlite3.Connection, row: int, sha256: str, crc32: in
     connection.execute("INSERT INTO contents(row, sha256, crc32) VALUES (?, ?, ?)", (row, sha256, crc32))
 
 
-def record_image(connection: sqlite3.Connection, image: ImageRow, next_id: int) -> int:
-    """Insert or replace the record of ``image.path`` (keeping its id); returns the next free id."""
+def record_image(connection: sqlite3.Connection, image: ImageRecord, next_id: int) -> int:
+    """Insert or replace the record of ``image.path``: a known path keeps its id, a new one gets ``next_id``
+    (``image.id`` is not read; pass ``UNASSIGNED_ID``). Returns the next free id."""
     existing = connection.execute("SELECT id FROM images WHERE path = ?", (image.path,)).fetchone()
-    image_id = existing[0] if existing else next_id
-    values = (image_id, image.path, image.size, image.mtime_ns, image.sha256, image.width, image.height,
-              image.status, image.error, image.row)  # fmt: skip
+    values = astuple(replace(image, id=existing[0] if existing else next_id))
     connection.execute(
         f"INSERT OR REPLACE INTO images({CHECKED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (*values, record_checksum(values)),
@@ -330,3 +340,19 @@ def delete_images(connection: sqlite3.Connection, ids: Iterable[int]) -> None:
     """Delete images, then every content row no image refers to any more."""
     connection.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in ids])
     delete_orphan_contents(connection)
+
+
+def integrity_problems(connection: sqlite3.Connection, most: int = 20) -> list[str]:
+    """What SQLite's ``integrity_check`` finds (at most ``most`` lines; empty: intact)."""
+    found = [row[0] for row in connection.execute(f"PRAGMA integrity_check({int(most)})")]
+    return [] if found == ["ok"] else found
+
+
+def dangling_references(connection: sqlite3.Connection) -> int:
+    """How many rows refer to rows that do not exist (SQLite's ``foreign_key_check``)."""
+    return len(connection.execute("PRAGMA foreign_key_check").fetchall())
+
+
+def all_contents(connection: sqlite3.Connection) -> list[tuple[int, str, int | None]]:
+    """(row, sha256, crc32) of every content."""
+    return connection.execute("SELECT row, sha256, crc32 FROM contents").fetchall()

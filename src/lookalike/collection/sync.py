@@ -3,6 +3,9 @@
 Work is committed every ``commit_every`` files: descriptors are written and fsynced first, then one SQLite
 transaction records the images, their contents and the new row count. A run killed at any point (even
 SIGKILL) leaves a consistent collection; the next run resumes with nothing lost or doubled.
+
+A :class:`Syncer` is given the database, the descriptor file, the describer and how files are named through
+its constructor; the caller holds the write lock and brings the index up to date afterwards.
 """
 
 from __future__ import annotations
@@ -10,25 +13,22 @@ from __future__ import annotations
 import logging
 import sqlite3
 import stat as stat_module
-import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from lookalike.collection import store
-from lookalike.collection.recovery import ROW_HASHES, RowHashes
-from lookalike.collection.vectors import row_checksums
+from lookalike.collection.layout import DATABASE, ROW_HASHES
+from lookalike.collection.recovery import RowHashes
+from lookalike.collection.vectors import VectorFile, row_checksums
 from lookalike.errors import CollectionError, ImageError
+from lookalike.extract import Describer
 from lookalike.images import sha256_of_file as sha256_file
 from lookalike.walk import walk_images
-
-if TYPE_CHECKING:
-    from lookalike.collection.collection import Collection
-    from lookalike.extract import Extractor
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,16 @@ class SyncProgress:
 ProgressCallback = Callable[[SyncProgress], None]
 
 
-def file_state(collection: Collection, path: Path) -> FileState:
-    name = collection.relative_path(path)
+class Names(Protocol):
+    """How the collection names files: relative to its root when under it, else absolute."""
+
+    def relative_path(self, path: str | Path) -> str: ...
+
+    def absolute_path(self, name: str) -> Path: ...
+
+
+def file_state(names: Names, path: Path) -> FileState:
+    name = names.relative_path(path)
     try:
         stat = path.stat()
     except OSError as exc:
@@ -97,9 +105,8 @@ def hashed(state: FileState) -> FileState:
         return FileState(state.name, state.path, state.size, state.mtime_ns, error=exc.reason)
 
 
-def plan(collection: Collection, states: list[FileState]) -> tuple[list[FileState], int]:
+def plan(known: dict[str, store.ImageRecord], states: list[FileState]) -> tuple[list[FileState], int]:
     """The files to (re)describe, and how many are unchanged (same size and mtime as recorded)."""
-    known = collection.images()
     todo, unchanged = [], 0
     for state in states:
         record = known.get(state.name)
@@ -110,84 +117,9 @@ def plan(collection: Collection, states: list[FileState]) -> tuple[list[FileStat
     return todo, unchanged
 
 
-def sync(
-    collection: Collection,
-    root: Path,
-    progress: ProgressCallback | None = None,
-    commit_every: int = DEFAULT_COMMIT_EVERY,
-) -> SyncReport:
-    """Bring the collection in line with the image files under ``root``."""
-    if not root.is_dir():
-        raise CollectionError(f"{root} is not a folder")
-    collection.extractor  # noqa: B018 -- build the network before the clock starts
-    started = time.perf_counter()
-    with collection.writing():
-        states = [file_state(collection, path) for path in walk_images(root)]
-        present = {state.name for state in states}
-        gone = [
-            r.id
-            for name, r in collection.images().items()
-            if name not in present and _under(collection, name, root)
-        ]
-        report = SyncReport(removed=len(gone))
-        if gone:
-            _commit(collection, [], np.zeros((0, collection.dim), np.float32), delete=gone)
-        todo, report.unchanged = plan(collection, states)
-        _describe_and_commit(collection, todo, report, progress, commit_every)
-        collection.index()
-    report.seconds = time.perf_counter() - started
-    return report
-
-
-def add(
-    collection: Collection,
-    paths: Iterable[str | Path],
-    progress: ProgressCallback | None = None,
-    commit_every: int = DEFAULT_COMMIT_EVERY,
-) -> SyncReport:
-    """Describe and record these files (new or changed ones only); nothing is removed."""
-    collection.extractor  # noqa: B018 -- build the network before the clock starts
-    started = time.perf_counter()
-    with collection.writing():
-        states = [file_state(collection, Path(p)) for p in paths]
-        todo, unchanged = plan(collection, states)
-        report = SyncReport(unchanged=unchanged)
-        _describe_and_commit(collection, todo, report, progress, commit_every)
-        collection.index()
-    report.seconds = time.perf_counter() - started
-    return report
-
-
-def _under(collection: Collection, name: str, root: Path) -> bool:
-    path = collection.absolute_path(name)
-    try:
-        path.relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
-
-
-def _describe_and_commit(
-    collection: Collection,
-    todo: list[FileState],
-    report: SyncReport,
-    progress: ProgressCallback | None,
-    commit_every: int,
-) -> None:
-    if commit_every < 1:
-        raise CollectionError("commit_every must be at least 1")
-    extractor = collection.extractor
-    done = 0
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        for start in range(0, len(todo), commit_every):
-            chunk = list(pool.map(hashed, todo[start : start + commit_every]))
-            outcomes, vectors = _describe_chunk(collection, extractor, chunk)
-            _commit(collection, outcomes, vectors)
-            for state, outcome in zip(chunk, outcomes, strict=True):
-                done += 1
-                _tally(report, state, outcome)
-                if progress is not None:
-                    progress(SyncProgress(done, len(todo), state.name, outcome.status))
+def usable_descriptor(vector: np.ndarray) -> bool:
+    """Finite, and not all zero: a row that could rank anything at all."""
+    return bool(np.isfinite(vector).all() and np.any(vector != 0))
 
 
 @dataclass
@@ -200,101 +132,154 @@ class _Outcome:
     new_content: bool = False
 
 
-def _describe_chunk(
-    collection: Collection, extractor: Extractor, chunk: list[FileState]
-) -> tuple[list[_Outcome], np.ndarray]:
-    """Outcomes for a chunk, and the descriptor rows it adds: each distinct new content is described once."""
-    first_of: dict[str, FileState] = {}
-    for state in chunk:
-        if (
-            state.error is None
-            and state.sha256 not in first_of
-            and store.content_row(collection.db, state.sha256 or "") is None
-        ):
-            first_of[state.sha256 or ""] = state
-    firsts = list(first_of.values())
-    next_row = int(collection.settings["vector_rows"])
-    rows: dict[str, int] = {}
-    sizes: dict[str, tuple[int, int] | None] = {}
-    failures: dict[str, str] = {}
-    changed: set[str] = set()
-    vectors: list[np.ndarray] = []
-    for result in extractor.describe_files([state.path for state in firsts]):
-        sha = firsts[result.index].sha256 or ""
-        if result.vector is None:
-            failures[sha] = result.error.reason if result.error else "unreadable"
-        elif result.sha256 != sha:
-            changed.add(sha)  # rewritten between hashing and decoding: its pixels are not that content
-        elif not usable_descriptor(result.vector):
-            failures[sha] = "its descriptor is not finite or is zero (the network gave no usable output)"
-        else:
-            rows[sha], sizes[sha] = next_row + len(vectors), result.size
-            vectors.append(result.vector)
-    outcomes = []
-    for state in chunk:
-        sha = state.sha256 or ""
-        if sha in changed:
-            outcomes.append(_Outcome(state, "retry", error=CHANGED_WHILE_READ))
-        elif state.error is not None or sha in failures:
-            outcomes.append(_Outcome(state, "failed", error=state.error or failures[sha]))
-        elif sha in rows:
-            new = first_of.get(sha) is state
-            outcomes.append(_Outcome(state, "ok", row=rows[sha], size=sizes[sha], new_content=new))
-        else:
-            row = store.content_row(collection.db, sha)
-            size = store.content_size(collection.db, row) if row is not None else None
-            outcomes.append(_Outcome(state, "ok", row=row, size=size))
-    matrix = np.stack(vectors) if vectors else np.zeros((0, collection.dim), np.float32)
-    return outcomes, matrix
+class Syncer:
+    """Records files in ``db`` and their descriptors in ``vectors``, described by ``describer`` and named by
+    ``names``. The row hashes (see :mod:`~lookalike.collection.recovery`) and the database sit beside
+    ``vectors``. The caller holds the collection's write lock for each run."""
 
+    def __init__(
+        self, db: sqlite3.Connection, vectors: VectorFile, describer: Describer, names: Names
+    ) -> None:
+        self.db = db
+        self.vectors = vectors
+        self.describer = describer
+        self.names = names
+        self.hashes = RowHashes(vectors.path.with_name(ROW_HASHES))
+        self.database = vectors.path.with_name(DATABASE)
+        self._rows = 0
 
-def usable_descriptor(vector: np.ndarray) -> bool:
-    """Finite, and not all zero: a row that could rank anything at all."""
-    return bool(np.isfinite(vector).all() and np.any(vector != 0))
+    def sync(self, root: Path, progress: ProgressCallback | None, commit_every: int) -> SyncReport:
+        """Bring the records in line with the image files under ``root``: new and changed files described,
+        files gone from under ``root`` forgotten."""
+        if not root.is_dir():
+            raise CollectionError(f"{root} is not a folder")
+        with store.storage_errors(self.database):
+            self._rows = int(store.read_settings(self.db)["vector_rows"])
+            states = [file_state(self.names, path) for path in walk_images(root)]
+            present = {state.name for state in states}
+            known = store.all_images(self.db)
+            gone = [r.id for name, r in known.items() if name not in present and self._under(name, root)]
+            report = SyncReport(removed=len(gone))
+            if gone:
+                self._commit([], np.zeros((0, self.vectors.dim), np.float32), delete=gone)
+            todo, report.unchanged = plan(known, states)
+            self._describe_and_commit(todo, report, progress, commit_every)
+        return report
 
+    def add(
+        self, paths: Iterable[str | Path], progress: ProgressCallback | None, commit_every: int
+    ) -> SyncReport:
+        """Describe and record these files (new or changed ones only); nothing is removed."""
+        with store.storage_errors(self.database):
+            self._rows = int(store.read_settings(self.db)["vector_rows"])
+            states = [file_state(self.names, Path(p)) for p in paths]
+            todo, unchanged = plan(store.all_images(self.db), states)
+            report = SyncReport(unchanged=unchanged)
+            self._describe_and_commit(todo, report, progress, commit_every)
+        return report
 
-def _commit(
-    collection: Collection, outcomes: list[_Outcome], vectors: np.ndarray, delete: list[int] | None = None
-) -> None:
-    """Descriptors first (written and fsynced), then one transaction that records what refers to them."""
-    start_row = int(collection.settings["vector_rows"])
-    if len(vectors):
-        collection.vectors.write(start_row, vectors)
-        new_rows = sorted(
-            (o.row, o.state.sha256 or "") for o in outcomes if o.new_content and o.row is not None
-        )
-        RowHashes(collection.path / ROW_HASHES).write(start_row, [sha for _, sha in new_rows])
-    checksums = row_checksums(vectors)
-    db = collection.db
-    try:
-        with store.transaction(db):
+    def _under(self, name: str, root: Path) -> bool:
+        try:
+            self.names.absolute_path(name).relative_to(root.resolve())
+            return True
+        except ValueError:
+            return False
+
+    def _describe_and_commit(
+        self, todo: list[FileState], report: SyncReport, progress: ProgressCallback | None, commit_every: int
+    ) -> None:
+        if commit_every < 1:
+            raise CollectionError("commit_every must be at least 1")
+        done = 0
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for start in range(0, len(todo), commit_every):
+                chunk = list(pool.map(hashed, todo[start : start + commit_every]))
+                outcomes, vectors = self._describe_chunk(chunk)
+                self._commit(outcomes, vectors)
+                for state, outcome in zip(chunk, outcomes, strict=True):
+                    done += 1
+                    _tally(report, state, outcome)
+                    if progress is not None:
+                        progress(SyncProgress(done, len(todo), state.name, outcome.status))
+
+    def _describe_chunk(self, chunk: list[FileState]) -> tuple[list[_Outcome], np.ndarray]:
+        """Outcomes for a chunk, and the descriptor rows it adds: each distinct new content is described
+        once."""
+        first_of: dict[str, FileState] = {}
+        for state in chunk:
+            if (
+                state.error is None
+                and state.sha256 not in first_of
+                and store.content_row(self.db, state.sha256 or "") is None
+            ):
+                first_of[state.sha256 or ""] = state
+        firsts = list(first_of.values())
+        rows: dict[str, int] = {}
+        sizes: dict[str, tuple[int, int] | None] = {}
+        failures: dict[str, str] = {}
+        changed: set[str] = set()
+        vectors: list[np.ndarray] = []
+        for result in self.describer.describe_files([state.path for state in firsts]):
+            sha = firsts[result.index].sha256 or ""
+            if result.vector is None:
+                failures[sha] = result.error.reason if result.error else "unreadable"
+            elif result.sha256 != sha:
+                changed.add(sha)  # rewritten between hashing and decoding: its pixels are not that content
+            elif not usable_descriptor(result.vector):
+                failures[sha] = "its descriptor is not finite or is zero (the network gave no usable output)"
+            else:
+                rows[sha], sizes[sha] = self._rows + len(vectors), result.size
+                vectors.append(result.vector)
+        outcomes = []
+        for state in chunk:
+            sha = state.sha256 or ""
+            if sha in changed:
+                outcomes.append(_Outcome(state, "retry", error=CHANGED_WHILE_READ))
+            elif state.error is not None or sha in failures:
+                outcomes.append(_Outcome(state, "failed", error=state.error or failures[sha]))
+            elif sha in rows:
+                new = first_of.get(sha) is state
+                outcomes.append(_Outcome(state, "ok", row=rows[sha], size=sizes[sha], new_content=new))
+            else:
+                row = store.content_row(self.db, sha)
+                size = store.content_size(self.db, row) if row is not None else None
+                outcomes.append(_Outcome(state, "ok", row=row, size=size))
+        matrix = np.stack(vectors) if vectors else np.zeros((0, self.vectors.dim), np.float32)
+        return outcomes, matrix
+
+    def _commit(self, outcomes: list[_Outcome], vectors: np.ndarray, delete: list[int] | None = None) -> None:
+        """Descriptors first (written and fsynced), then one transaction that records what refers to them."""
+        start_row = self._rows
+        if len(vectors):
+            self.vectors.write(start_row, vectors)
+            new_rows = sorted(
+                (o.row, o.state.sha256 or "") for o in outcomes if o.new_content and o.row is not None
+            )
+            self.hashes.write(start_row, [sha for _, sha in new_rows])
+        checksums = row_checksums(vectors)
+        with store.transaction(self.db):
             if delete:
-                store.delete_images(db, delete)
-            next_id = store.next_image_id(db)
+                store.delete_images(self.db, delete)
+            next_id = store.next_image_id(self.db)
             for outcome in outcomes:
                 if outcome.status == "retry":
                     continue  # not recorded: the next run sees it as new
                 if outcome.new_content and outcome.row is not None:
                     crc = checksums[outcome.row - start_row]
-                    store.add_content(db, outcome.row, outcome.state.sha256 or "", crc)
-                next_id = store.record_image(db, _image_row(outcome), next_id)
-            store.delete_orphan_contents(db)
-            store.write_settings(db, {"vector_rows": start_row + len(vectors)})
-            collection._settings["vector_rows"] = start_row + len(vectors)
-            collection._bump_generation()
-    except BaseException as exc:
-        collection.refresh_settings()
-        if isinstance(exc, sqlite3.Error):
-            raise store.storage_error(exc, collection.path / store.DATABASE) from exc
-        raise
+                    store.add_content(self.db, outcome.row, outcome.state.sha256 or "", crc)
+                next_id = store.record_image(self.db, _image_record(outcome), next_id)
+            store.delete_orphan_contents(self.db)
+            store.write_settings(self.db, {"vector_rows": start_row + len(vectors)})
+            store.bump_generation(self.db)
+        self._rows = start_row + len(vectors)
 
 
-def _image_row(outcome: _Outcome) -> store.ImageRow:
+def _image_record(outcome: _Outcome) -> store.ImageRecord:
     state = outcome.state
     width, height = outcome.size or (None, None)
-    return store.ImageRow(
-        state.name, state.size, state.mtime_ns, state.sha256, width, height, outcome.status, outcome.error,
-        outcome.row,
+    return store.ImageRecord(
+        store.UNASSIGNED_ID, state.name, state.size, state.mtime_ns, state.sha256, width, height,
+        outcome.status, outcome.error, outcome.row,
     )  # fmt: skip
 
 

@@ -7,13 +7,13 @@ Each row's crc32 is recorded with it in the database, so damage on disk is found
 
 from __future__ import annotations
 
-import errno
 import os
 import zlib
 from pathlib import Path
 
 import numpy as np
 
+from lookalike.atomic import write_at
 from lookalike.errors import CollectionError, DamagedCollectionError
 
 
@@ -23,13 +23,16 @@ def row_checksums(rows: np.ndarray) -> list[int]:
     return [zlib.crc32(row.tobytes()) for row in rows]
 
 
-def _write_all(descriptor: int, data: memoryview, offset: int) -> None:
-    """``pwrite`` until every byte is written; a write that makes no progress is a full disk."""
-    while data:
-        written = os.pwrite(descriptor, data, offset)
-        if written == 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        data, offset = data[written:], offset + written
+def write_records(path: Path, data: bytes, offset: int) -> None:
+    """Write fixed-size records durably at ``offset`` (see :func:`lookalike.atomic.write_at`), before the
+    database commits anything that refers to them; a failure is a CollectionError that says the way out."""
+    try:
+        write_at(path, data, offset)
+    except OSError as exc:
+        raise CollectionError(
+            f"cannot write {path}: {exc.strerror or exc}; nothing of this step was committed. Free some "
+            "space (or fix the folder's permissions) and run the command again: it resumes"
+        ) from exc
 
 
 class VectorFile:
@@ -58,18 +61,16 @@ class VectorFile:
         rows = np.ascontiguousarray(rows, dtype="<f4")
         if rows.ndim != 2 or rows.shape[1] != self.dim:
             raise CollectionError(f"descriptors of shape {rows.shape} do not fit a {self.dim}-D collection")
+        write_records(self.path, rows.tobytes(), start_row * self.row_bytes)
+
+    def extend(self, rows: int) -> None:
+        """Give a truncated (or lost) file back the length of ``rows`` rows; the lost rows read as zeros."""
+        descriptor = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                _write_all(descriptor, memoryview(rows.tobytes()), start_row * self.row_bytes)
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-        except OSError as exc:
-            raise CollectionError(
-                f"cannot write {self.path}: {exc.strerror or exc}; nothing of this step was committed. "
-                "Free some space (or fix the folder's permissions) and run the command again: it resumes"
-            ) from exc
+            os.ftruncate(descriptor, rows * self.row_bytes)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
     def truncate(self, rows: int) -> None:
         """Drop rows past ``rows`` (left by a run that was killed before its commit); a file with fewer

@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,10 +24,8 @@ from torch import nn
 
 from lookalike.atomic import save_npz_atomic
 from lookalike.errors import ImageError
-from lookalike.extract import BBox, Extractor, ResolvedDescriptor, combine_scales, resolve_descriptor
+from lookalike.extract import BBox, Extractor, combine_scales
 from lookalike.images import load_image
-from lookalike.network import descriptor_head
-from lookalike.pooling import build_pooling
 from lookalike.weights import lookalike_home, weights_sha256
 
 POOLINGS = ("mac", "spoc", "rmac", "gem")
@@ -94,17 +92,14 @@ def _pool_all(
     extractor: Extractor, pools: dict[str, nn.Module], tensor: torch.Tensor, clock: dict[str, float]
 ) -> dict[str, np.ndarray]:
     """Descriptors of every pooling from one backbone pass; ``clock`` accumulates the time of each part."""
-    net = extractor.net
+    started = time.perf_counter()
+    fmap = extractor.net.feature_map(tensor[None])
+    clock["backbone"] += time.perf_counter() - started
     pooled = {}
-    with torch.inference_mode():
+    for name, pool in pools.items():
         started = time.perf_counter()
-        x = tensor[None].to(net.dtype).contiguous(memory_format=torch.channels_last)
-        fmap = net.features(x)
-        clock["backbone"] += time.perf_counter() - started
-        for name, pool in pools.items():
-            started = time.perf_counter()
-            pooled[name] = descriptor_head(fmap, pool, net.whiten)[0].numpy()
-            clock[name] += time.perf_counter() - started
+        pooled[name] = extractor.net.head(fmap, pool)[0].numpy()
+        clock[name] += time.perf_counter() - started
     return pooled
 
 
@@ -124,7 +119,7 @@ def extract_variants(
             timing = {p: float(data[f"seconds_{p}"]) for p in poolings}
             vectors = {p: data[p] for p in poolings}
             return PerScaleDescriptors(scales, vectors, data["failed"], data["seconds_per_scale"], timing)
-    pools = evaluation_poolings(extractor, poolings)
+    pools = extractor.pooling_modules(poolings)
     vectors = {name: np.zeros((len(paths), len(scales), extractor.dim), np.float32) for name in poolings}
     failed = np.zeros(len(paths), bool)
     seconds = np.zeros(len(scales))
@@ -169,27 +164,7 @@ def prefetched(pool: ThreadPoolExecutor, work: Callable[[int], T], count: int, a
         yield result
 
 
-def evaluated_as(extractor: Extractor, pooling: str) -> ResolvedDescriptor:
-    """The descriptor identity of ``pooling`` on ``extractor``'s backbone, resolved as indexing resolves
-    ``--pooling POOLING`` (:func:`~lookalike.extract.resolve_descriptor`): its GeM p and scale power."""
-    if pooling == extractor.resolved.pooling:
-        return extractor.resolved
-    return resolve_descriptor(replace(extractor.settings, pooling=pooling))
-
-
-def evaluation_poolings(extractor: Extractor, poolings: Sequence[str] = POOLINGS) -> dict[str, nn.Module]:
-    """The pooling modules evaluation applies to ``extractor``'s feature maps, each the one indexing with
-    ``--pooling NAME`` uses: the network's own for its own pooling (a trained GeM keeps its p), else a
-    fresh module (GeM with the p that :func:`evaluated_as` resolves)."""
-    return {
-        name: extractor.net.pool
-        if name == extractor.resolved.pooling
-        else build_pooling(name, p=evaluated_as(extractor, name).gem_p)
-        for name in poolings
-    }
-
-
 def multiscale_power(pooling: str, extractor: Extractor) -> float:
     """The exponent that combines ``pooling``'s per-scale descriptors: indexing's rule for the pooling
     evaluated, not for the extractor's own (GeM's p for GeM on an R-MAC model too; 1 for the others)."""
-    return evaluated_as(extractor, pooling).scale_power
+    return extractor.resolved_as(pooling).scale_power

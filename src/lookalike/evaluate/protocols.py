@@ -25,12 +25,11 @@ from lookalike.errors import ConfigError
 from lookalike.evaluate.datasets import (
     GroundTruth,
     holidays_groups,
-    labelled_folder,
     load_gnd_json,
     load_revisitop_gnd,
-    split_labelled,
     ukbench_groups,
 )
+from lookalike.labels import labelled_folder, split_labelled
 from lookalike.walk import walk_images
 
 PROTOCOLS = ("caltech101", "ukbench", "holidays", "revisitop")

@@ -1,6 +1,6 @@
 """The recognition protocol as an evaluation: multi-scale descriptors of a labelled folder with a clutter
-class (extracted in cached chunks), the distractor splits and the ladder of
-:mod:`lookalike.recognize.protocol`, from 1-NN to the pairwise verifier."""
+class (extracted in cached chunks), the distractor splits of :mod:`lookalike.evaluate.splits` and the
+ladder of :mod:`lookalike.evaluate.ladder`, from 1-NN to the pairwise verifier."""
 
 from __future__ import annotations
 
@@ -12,19 +12,19 @@ from pathlib import Path
 import numpy as np
 
 from lookalike.errors import ConfigError
-from lookalike.evaluate.datasets import LabelledImages, labelled_folder
 from lookalike.evaluate.extraction import extract_variants
+from lookalike.evaluate.ladder import LadderResult, LadderRow, run_ladder
 from lookalike.evaluate.protocols import CALTECH_DISTRACTOR
-from lookalike.extract import DescriptorSettings, Extractor
-from lookalike.recognize.features import LocalFeatureCache
-from lookalike.recognize.multiscale import DEFAULT_SCALES
-from lookalike.recognize.protocol import LadderResult, LadderRow, run_ladder
-from lookalike.recognize.splits import (
+from lookalike.evaluate.splits import (
     TINI_OBJECT_QUERIES,
     RecognitionSplit,
     distractor_splits,
     object_query_count,
 )
+from lookalike.extract import DescriptorSettings, Extractor
+from lookalike.labels import LabelledImages, labelled_folder
+from lookalike.recognize.features import LocalFeatureCache
+from lookalike.recognize.multiscale import DEFAULT_SCALES
 from lookalike.registry import get_model_config
 
 RECOGNITION = "recognition"  # the protocol's name for `lookalike evaluate`
@@ -108,7 +108,7 @@ def row_record(row: LadderRow) -> dict:
     return {
         "stage": row.stage,
         "description": row.description,
-        "config": asdict(row.config),
+        "config": row.config.record(),
         "validation": asdict(row.validation),
         "test": asdict(row.test),
         "selected": row.selected,
@@ -179,7 +179,7 @@ def evaluate_recognition(
 
     Every readable image is described at :data:`~lookalike.recognize.multiscale.DEFAULT_SCALES` with
     ``pooling`` (default: the model's own), unreadable ones are left out (and counted), then
-    :func:`~lookalike.recognize.protocol.run_ladder` runs on the 86.5 % and 50 % splits. ``progress``
+    :func:`~lookalike.evaluate.ladder.run_ladder` runs on the 86.5 % and 50 % splits. ``progress``
     receives ``("describing", done, total)`` and ``("ladder", stages done, stages)``.
     """
     protocol = protocol or RecognitionProtocol()

@@ -471,6 +471,11 @@ class KnnClassifier:
             raise ConfigError("the classifier is not fitted; call fit(references, labels) first")
         return self._references, self._labels
 
+    @property
+    def references(self) -> np.ndarray:
+        """The fitted references ``(N, D')`` as the classifier compares them (whitened if fitted so)."""
+        return self._fitted()[0]
+
     def prepare(self, queries: np.ndarray) -> np.ndarray:
         """Queries ``(Q, D)`` as the classifier compares them: checked and, if fitted so, whitened."""
         references, _ = self._fitted()

@@ -277,17 +277,29 @@ class MultiScaleKnn:
     def reduced_neighbours(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Reduced similarities and reference ids of the ``k`` best of each query's shortlist, ``(Q, k')``
         each with ``k' = min(k, N)``, best first."""
+        return self.neighbours_by_reducer(queries, {"": self.reducer})[""]
+
+    def neighbours_by_reducer(
+        self, queries: np.ndarray, reducers: Mapping[str, str | Reducer]
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """:meth:`reduced_neighbours` for each of several reducers (name → reducer) in place of this
+        classifier's own: one shortlist search and one similarity matrix per pair serve them all."""
         xq = self.prepare(queries)
         assert self._references is not None and self._global is not None
+        functions = {name: get_reducer(r) for name, r in reducers.items()}
         _, short = exact_search(self._global_vectors(xq), self._global, self.shortlist, self.backend)
         k = min(self.k, short.shape[1])
-        sims = np.empty((xq.shape[0], k))
-        ids = np.empty((xq.shape[0], k), dtype=np.int64)
+        out = {
+            name: (np.empty((xq.shape[0], k)), np.empty((xq.shape[0], k), dtype=np.int64))
+            for name in functions
+        }
         for q in range(xq.shape[0]):
-            reduced = np.asarray(self.reducer(similarity_matrices(xq[q], self._references[short[q]])))
-            best = np.argsort(-reduced, kind="stable")[:k]
-            sims[q], ids[q] = reduced[best], short[q, best]
-        return sims, ids
+            matrices = similarity_matrices(xq[q], self._references[short[q]])
+            for name, reducer in functions.items():
+                reduced = np.asarray(reducer(matrices))
+                best = np.argsort(-reduced, kind="stable")[:k]
+                out[name][0][q], out[name][1][q] = reduced[best], short[q, best]
+        return out
 
     def predict(self, queries: np.ndarray) -> list[Prediction]:
         """One :class:`~lookalike.recognize.knn.Prediction` per query ``(S, D)`` of ``queries``."""
@@ -312,6 +324,15 @@ class AggregatedClassifier:
         """Fit the classifier on the aggregated references ``(N, S, D)``."""
         self.classifier.fit(aggregate(as_unit_rows(references, "references", ndim=3), self.weights), labels)
         return self
+
+    @property
+    def references(self) -> np.ndarray:
+        """The aggregated references as the classifier compares them (whitened if fitted so)."""
+        return self.classifier.references
+
+    def prepare(self, queries: np.ndarray) -> np.ndarray:
+        """Queries ``(Q, S, D)`` aggregated and prepared as the classifier compares them."""
+        return self.classifier.prepare(aggregate(as_unit_rows(queries, "queries", ndim=3), self.weights))
 
     def predict(self, queries: np.ndarray) -> list[Prediction]:
         """Predictions for the aggregated queries ``(Q, S, D)``."""

@@ -15,8 +15,7 @@ Pair features (:func:`pair_features`, names from :func:`feature_names`), for the
   test and of the RANSAC inliers among them (:mod:`~lookalike.recognize.features`).
 
 The model (:class:`PairVerifier`) standardises the features (mean and scale stored with it) and is a
-logistic regression (``hidden=0``) or a one-hidden-layer ReLU MLP, trained by full-batch Adam on the
-cross-entropy with a little L2, from a seeded initialisation: the same data and seed give the same model.
+logistic regression or a one-hidden-layer ReLU MLP, trained on labelled pairs by the recognition ladder.
 It is saved as a plain ``.npz`` and loaded with ``allow_pickle=False``.
 
 :func:`rescore` turns the shortlist similarities into the scores the k-NN vote sums: ``s · P(same)``
@@ -26,8 +25,6 @@ low ``P(same)``, ends with a low confidence.
 
 from __future__ import annotations
 
-import itertools
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +37,7 @@ from lookalike.errors import ConfigError
 from lookalike.recognize.features import LocalFeatureCache, MatchResult, match_features
 from lookalike.recognize.multiscale import REDUCERS, similarity_matrices
 
-_log = logging.getLogger(__name__)
-
 RULES: Final = ("product", "probability")
-MODELS: Final = {"logistic": 0, "mlp": 16}  # verifier name → hidden width
 _FORMAT_VERSION: Final = 1
 _CONTEXT: Final = ("similarity", "log_rank", "top_similarity", "gap", "agreement")
 _LOCAL: Final = ("log_matches", "log_inliers")
@@ -164,11 +158,13 @@ class PairFeaturizer:
 # ---- the model -------------------------------------------------------------------------------------------
 
 
-def _relu(x: np.ndarray) -> np.ndarray:
+def relu(x: np.ndarray) -> np.ndarray:
+    """The MLP's hidden activation, ``max(x, 0)``."""
     return np.maximum(x, 0.0)
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """The logistic function through ``tanh``, which does not overflow for large ``|z|``."""
     return 0.5 * (1.0 + np.tanh(0.5 * z))
 
 
@@ -206,7 +202,7 @@ class PairVerifier:
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             z = z @ w + b
             if i + 1 < len(self.weights):
-                z = _relu(z)
+                z = relu(z)
         return z[..., 0]
 
     def probability(self, features: np.ndarray) -> np.ndarray:
@@ -214,7 +210,7 @@ class PairVerifier:
         x = np.asarray(features, dtype=np.float64)
         if x.shape[-1:] != (len(self.names),):
             raise ConfigError(f"expected {len(self.names)} pair features, got shape {x.shape}")
-        return _sigmoid(self._logits((x - self.mean) / self.scale))
+        return sigmoid(self._logits((x - self.mean) / self.scale))
 
     def save(self, path: str | Path) -> None:
         """Write the model as plain arrays (no pickle)."""
@@ -248,76 +244,6 @@ class PairVerifier:
             )
 
 
-def train_verifier(
-    features: np.ndarray,
-    targets: np.ndarray,
-    names: Sequence[str] | None = None,
-    hidden: int = 16,
-    epochs: int = 400,
-    learning_rate: float = 0.02,
-    l2: float = 1e-4,
-    seed: int = 0,
-) -> PairVerifier:
-    """Fit a :class:`PairVerifier` on features ``(M, F)`` and boolean ``targets`` ``(M,)`` (same class?).
-
-    Full-batch Adam on the mean cross-entropy plus ``l2 · ‖W‖²``; weights start from
-    ``numpy.random.default_rng(seed)`` (He initialisation), biases at 0 except the output bias at the
-    log-odds of the positives. ``hidden=0`` is a logistic regression.
-    """
-    x = np.asarray(features, dtype=np.float64)
-    y = np.asarray(targets, dtype=bool).astype(np.float64)
-    if x.ndim != 2 or y.shape != (x.shape[0],) or x.shape[0] < 2:
-        raise ConfigError(f"training needs features (M ≥ 2, F) and targets (M,), got {x.shape}, {y.shape}")
-    if not np.isfinite(x).all():
-        raise ConfigError("pair features contain NaN or infinity")
-    if y.min() == y.max():
-        raise ConfigError("training pairs must include both same-class and different-class pairs")
-    names = tuple(names) if names is not None else tuple(f"f{i}" for i in range(x.shape[1]))
-    if len(names) != x.shape[1]:
-        raise ConfigError(f"{len(names)} feature names for {x.shape[1]} features")
-    if hidden < 0:
-        raise ConfigError(f"hidden must be ≥ 0, got {hidden}")
-    mean = x.mean(axis=0)
-    scale = x.std(axis=0)
-    scale = np.where(scale > 1e-9, scale, 1.0)
-    z = (x - mean) / scale
-    rng = np.random.default_rng(seed)
-    widths = [x.shape[1], *([hidden] if hidden else []), 1]
-    params = []
-    for fan_in, fan_out in itertools.pairwise(widths):
-        params += [rng.standard_normal((fan_in, fan_out)) * np.sqrt(2.0 / fan_in), np.zeros(fan_out)]
-    prior = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
-    params[-1][:] = np.log(prior / (1 - prior))
-    moments = [(np.zeros_like(p), np.zeros_like(p)) for p in params]
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
-    m = len(y)
-    for step in range(1, epochs + 1):
-        grads = _gradients(params, z, y, l2)
-        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
-            first, second = moments[i]
-            first[...] = beta1 * first + (1 - beta1) * g
-            second[...] = beta2 * second + (1 - beta2) * g * g
-            p -= learning_rate * (first / (1 - beta1**step)) / (np.sqrt(second / (1 - beta2**step)) + eps)
-    verifier = PairVerifier(names, mean, scale, tuple(params[0::2]), tuple(params[1::2]))
-    _log.info("verifier trained on %d pairs (%.1f%% same class), hidden=%d", m, 100 * prior, hidden)
-    return verifier
-
-
-def _gradients(params: list[np.ndarray], z: np.ndarray, y: np.ndarray, l2: float) -> list[np.ndarray]:
-    """Gradients of the mean cross-entropy + ``l2 · Σ‖W‖²`` for layers ``[W1, b1, (W2, b2)]``."""
-    m = len(y)
-    if len(params) == 2:
-        w, b = params
-        delta = (_sigmoid(z @ w + b)[:, 0] - y)[:, None] / m
-        return [z.T @ delta + 2 * l2 * w, delta.sum(axis=0)]
-    w1, b1, w2, b2 = params
-    pre = z @ w1 + b1
-    hidden = _relu(pre)
-    delta = (_sigmoid(hidden @ w2 + b2)[:, 0] - y)[:, None] / m
-    back = (delta @ w2.T) * (pre > 0)
-    return [z.T @ back + 2 * l2 * w1, back.sum(axis=0), hidden.T @ delta + 2 * l2 * w2, delta.sum(axis=0)]
-
-
 def rescore(similarities: np.ndarray, probabilities: np.ndarray, rule: str = "product") -> np.ndarray:
     """Shortlist scores for the vote: ``s · p`` (``"product"``, negative ``s`` clipped to 0) or ``p``."""
     if rule not in RULES:
@@ -326,21 +252,6 @@ def rescore(similarities: np.ndarray, probabilities: np.ndarray, rule: str = "pr
     if rule == "probability":
         return p
     return np.maximum(np.asarray(similarities, dtype=np.float64), 0.0) * p
-
-
-def train_verifiers(
-    features: np.ndarray, targets: np.ndarray, names: Sequence[str], global_columns: int, seed: int = 0
-) -> dict[str, PairVerifier]:
-    """Every model of :data:`MODELS`, as ``<name>-global`` on the first ``global_columns`` features (no
-    local-feature columns) and, when ``names`` has more columns, as ``<name>`` on all of them."""
-    models = {}
-    for name, hidden in MODELS.items():
-        models[f"{name}-global"] = train_verifier(
-            features[:, :global_columns], targets, names[:global_columns], hidden=hidden, seed=seed
-        )
-        if len(names) > global_columns:
-            models[name] = train_verifier(features, targets, names, hidden=hidden, seed=seed)
-    return models
 
 
 def rerank(
@@ -353,7 +264,6 @@ def rerank(
 
 
 __all__ = [
-    "MODELS",
     "RULES",
     "PairFeaturizer",
     "PairVerifier",
@@ -361,6 +271,4 @@ __all__ = [
     "pair_features",
     "rerank",
     "rescore",
-    "train_verifier",
-    "train_verifiers",
 ]

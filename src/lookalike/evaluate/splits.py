@@ -1,5 +1,5 @@
 """Test splits of the distractor-heavy recognition protocol and validation folds drawn from the
-references only, plus GAP/accuracy scoring of a split; see :mod:`lookalike.recognize.protocol`."""
+references only, plus GAP/accuracy scoring of a split; see :mod:`lookalike.evaluate.ladder`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Final
 import numpy as np
 
 from lookalike.errors import ConfigError
-from lookalike.evaluate.datasets import LabelledImages
 from lookalike.evaluate.metrics import accuracy, global_average_precision
+from lookalike.labels import LabelledImages
 from lookalike.recognize.knn import Prediction
 
 TINI: Final = "86.5%"
@@ -148,3 +148,18 @@ def score(
     return Score(
         global_average_precision(predicted, confidences, truth, known), accuracy(predicted, truth, known)
     )
+
+
+__all__ = [
+    "BALANCED",
+    "TINI",
+    "TINI_OBJECT_QUERIES",
+    "VARIANTS",
+    "RecognitionSplit",
+    "Score",
+    "distractor_splits",
+    "object_query_count",
+    "score",
+    "shared_references",
+    "validation_folds",
+]

@@ -2,7 +2,7 @@
 the ladder of methods from 1-NN to the pairwise verifier, every hyper-parameter chosen on validation folds
 drawn from the references only.
 
-Test splits (:func:`distractor_splits`), mirroring Tini-GLD (86.5 % of its queries are distractors):
+Test splits (:func:`~lookalike.evaluate.splits.distractor_splits`), mirroring Tini-GLD (86.5 % of its queries are distractors):
 
 * ``"86.5%"`` — queries: every distractor image (Caltech's 466 readable BACKGROUND_Google images) plus
   ``object_queries`` = 73 object images from 73 different classes; 466 / 539 = 86.5 %.
@@ -12,7 +12,7 @@ Test splits (:func:`distractor_splits`), mirroring Tini-GLD (86.5 % of its queri
 References: every object image that is not a query of that split. Classes and their images are shuffled
 with ``numpy.random.default_rng(seed)``.
 
-Validation folds (:func:`validation_folds`) are built the same way inside a *pool* of references: a
+Validation folds (:func:`~lookalike.evaluate.splits.validation_folds`) are built the same way inside a *pool* of references: a
 seeded set of ``heldout`` reference classes plays the distractors (their images are pseudo-distractor
 queries, drawn round-robin, and none of them is a reference), the other classes give the object queries
 and the references. The pool is the images that are references in *both* test splits, so one set of
@@ -42,9 +42,18 @@ before it; every configuration is also scored on the test split, for the record 
 7. ``aggregation`` — the 2^S − 1 binary scale weights, whitened, with the best rule of 4–5, then the rule,
    transform and k again for the chosen weights;
 8. ``+ verifier (no local features)`` and 9. ``+ verifier`` — the pair model of
-   :mod:`~lookalike.recognize.verify` re-scores the top :data:`VERIFIED` of the better of 6 and 7 (by
-   validation), then a k-NN vote; model (logistic / MLP), re-scoring rule, transform and k chosen on
-   validation.
+   :mod:`~lookalike.recognize.verify` (trained by :mod:`~lookalike.evaluate.verifier_training`) re-scores
+   the top :data:`VERIFIED` of the better of 6 and 7 (by validation), then a k-NN vote; model (logistic /
+   MLP), re-scoring rule, transform and k chosen on validation.
+
+The spaces and configurations are values of :mod:`lookalike.evaluate.spaces`. Every space is made by the
+library's classifiers fitted on the split's references — an
+:class:`~lookalike.recognize.multiscale.AggregatedClassifier` over a
+:class:`~lookalike.recognize.knn.KnnClassifier`, or a :class:`~lookalike.recognize.multiscale.MultiScaleKnn`
+— which give a shortlist of :data:`VERIFIED` neighbours per query; the rules of
+:mod:`lookalike.recognize.knn` vote over its first ``k``, so one search serves the whole grid of ``k``.
+α-expanded votes go through :class:`~lookalike.evaluate.alpha_voter.AlphaVoter`, the library's rule
+computed on per-class Gram matrices for speed.
 """
 
 from __future__ import annotations
@@ -58,11 +67,23 @@ from typing import Final
 import numpy as np
 
 from lookalike.errors import ConfigError
-from lookalike.evaluate.datasets import LabelledImages
-from lookalike.recognize.alpha_voter import AlphaVoter
+from lookalike.evaluate.alpha_voter import AlphaVoter
+from lookalike.evaluate.spaces import AggregatedSpace, Config, MatrixSpace, Space, VerifiedSpace
+from lookalike.evaluate.splits import (
+    RecognitionSplit,
+    Score,
+    distractor_splits,
+    object_query_count,
+    score,
+    shared_references,
+    validation_folds,
+)
+from lookalike.evaluate.verifier_training import train_verifiers
+from lookalike.labels import LabelledImages
 from lookalike.recognize.features import LocalFeatureCache
 from lookalike.recognize.knn import (
     TRANSFORMS,
+    KnnClassifier,
     Prediction,
     as_unit_rows,
     exact_search,
@@ -73,42 +94,18 @@ from lookalike.recognize.knn import (
 from lookalike.recognize.multiscale import (
     DEFAULT_SCALES,
     REDUCERS,
-    aggregate,
+    AggregatedClassifier,
+    MultiScaleKnn,
     binary_weight_vectors,
-    similarity_matrices,
 )
-from lookalike.recognize.splits import (
-    BALANCED,
-    TINI,
-    TINI_OBJECT_QUERIES,
-    VARIANTS,
-    RecognitionSplit,
-    Score,
-    distractor_splits,
-    object_query_count,
-    score,
-    shared_references,
-    validation_folds,
-)
-from lookalike.recognize.verify import (
-    RULES,
-    PairFeaturizer,
-    PairVerifier,
-    feature_names,
-    rerank,
-    train_verifiers,
-)
-from lookalike.whitening import fit_pca_whitening
+from lookalike.recognize.verify import RULES, PairFeaturizer, PairVerifier, feature_names, rerank
 
 _log = logging.getLogger(__name__)
-
-# ---- the ladder ------------------------------------------------------------------------------------------
 
 KS: Final = (1, 3, 7, 13, 17, 23)
 ALPHAS: Final = (0.5, 0.7, 0.9, 1.1)
 SHORTLIST: Final = 100
 VERIFIED: Final = max(KS)
-SYMBOLS: Final = {"identity": "x", "square": "x²", "sqrt": "√x", "log": "ln(x+e)"}
 STAGES: Final = (
     "1-NN",
     "k-NN",
@@ -121,18 +118,6 @@ STAGES: Final = (
     "+ verifier (no local features)",
     "+ verifier",
 )
-
-
-@dataclass(frozen=True)
-class Config:
-    """One configuration: a descriptor ``space`` (see :func:`describe_space`), a voting ``rule``
-    (``1nn``, ``knn``, ``mean``, ``alpha``), a transform name, ``k`` and ``alpha``."""
-
-    space: str
-    rule: str = "knn"
-    transform: str = "identity"
-    k: int = 1
-    alpha: float | None = None
 
 
 @dataclass(frozen=True)
@@ -161,41 +146,7 @@ class LadderResult:
         return [r for r in self.rows if r.variant == variant and r.selected]
 
 
-def _bits(weights: np.ndarray) -> str:
-    return "".join("1" if w else "0" for w in weights)
-
-
-def describe_space(space: str, scales: Sequence[float]) -> str:
-    """Readable name of a space key: ``agg:<bits>[+w]`` (scales summed, optionally PCA-whitened),
-    ``mx:<reducer>[+w]`` (similarity matrices, optionally whitened per scale) or ``<base>|<model>|<rule>``
-    (the base space's shortlist re-scored by a verifier)."""
-    if "|" in space:
-        base, model, rule = space.split("|")
-        how = "s·P(same)" if rule == "product" else "P(same)"
-        return f"{describe_space(base, scales)}, top {VERIFIED} re-scored by the {model} verifier ({how})"
-    kind, _, rest = space.partition(":")
-    name, whiten = rest.removesuffix("+w"), rest.endswith("+w")
-    if kind == "mx":
-        n = len(scales)
-        return f"{n}×{n} similarity matrix, {name}" + (", whitened per scale" if whiten else "")
-    chosen = [f"{s:.2g}" for s, b in zip(scales, name, strict=True) if b == "1"]
-    text = f"scale {chosen[0]}" if len(chosen) == 1 else f"scales {'+'.join(chosen)} summed"
-    return text + (", PCA-whitened" if whiten else "")
-
-
-def describe(config: Config, scales: Sequence[float]) -> str:
-    """Readable name of a configuration."""
-    sym = SYMBOLS.get(config.transform, config.transform)
-    rule = {
-        "1nn": "1-NN",
-        "knn": f"k-NN {sym}, k={config.k}",
-        "mean": f"mean k-NN {sym}, k={config.k}",
-        "alpha": f"α-expanded mean k-NN {sym}, k={config.k}, α={config.alpha}",
-    }[config.rule]
-    return f"{rule} — {describe_space(config.space, scales)}"
-
-
-def _grid(space: str, rules: Sequence[str], alpha: Config | None = None) -> list[Config]:
+def _grid(space: Space, rules: Sequence[str], alpha: Config | None = None) -> list[Config]:
     """``rules`` × transforms × k on one space; the α rule takes α and transform from ``alpha``."""
     configs = [Config(space, "1nn")] if "1nn" in rules else []
     for rule in (r for r in rules if r in ("knn", "mean")):
@@ -241,80 +192,51 @@ class _Ladder:
             "verifier training",
         )  # fmt: skip
         self.featurizer = PairFeaturizer(self.x, dataset.paths if local is not None else None, local)
-        self.shortlists: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
-        self.features: dict[tuple[str, str], np.ndarray] = {}
+        self.shortlists: dict[tuple[Space, str], tuple[np.ndarray, np.ndarray]] = {}
+        self.features: dict[tuple[Space, str], np.ndarray] = {}
         self.rows: list[LadderRow] = []
         self.timings: list[tuple[str, float]] = []
         self.verifier_pairs = 0
-        self._current: tuple[str, np.ndarray] | None = None
+        self._space: AggregatedSpace | None = None
         self._vectors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._alpha: dict[str, AlphaVoter] = {}
 
     # -- spaces and shortlists ------------------------------------------------------------------------
 
-    @staticmethod
-    def whitened(arr: np.ndarray, split: RecognitionSplit) -> tuple[np.ndarray, np.ndarray]:
-        """Queries and references of ``split`` from ``arr`` ``(N, D)``, PCA-whitened by a whitening fitted
-        on the split's references."""
-        whitening = fit_pca_whitening(arr[split.references])
-        return whitening.apply(arr[split.queries]), whitening.apply(arr[split.references])
-
-    def array(self, space: str) -> np.ndarray:
-        """``(N, D)`` descriptors of an ``agg:`` space before any whitening (the last one is kept)."""
-        if self._current is not None and self._current[0] == space:
-            return self._current[1]
-        self.release()
-        bits = space.removeprefix("agg:").removesuffix("+w")
-        arr = aggregate(self.x, np.array([b == "1" for b in bits], dtype=np.float64))
-        self._current = (space, arr)
-        return arr
-
     def release(self) -> None:
-        self._current, self._vectors, self._alpha = None, {}, {}
+        self._space, self._vectors, self._alpha = None, {}, {}
 
-    def vectors(self, space: str, split: RecognitionSplit) -> tuple[np.ndarray, np.ndarray]:
+    def vectors(self, space: AggregatedSpace, split: RecognitionSplit) -> tuple[np.ndarray, np.ndarray]:
+        """Queries and references of ``split`` in ``space`` as an aggregated classifier fitted on the split's
+        references compares them (the vectors of the last space asked for are kept)."""
+        if space != self._space:
+            self.release()
+            self._space = space
         if split.name not in self._vectors:
-            arr = self.array(space)
-            self._vectors[split.name] = (
-                self.whitened(arr, split)
-                if space.endswith("+w")
-                else (arr[split.queries], arr[split.references])
-            )
+            classifier = AggregatedClassifier(space.weights, KnnClassifier(whiten=space.whitened))
+            classifier.fit(self.x[split.references], self.labels[split.references])
+            self._vectors[split.name] = classifier.prepare(self.x[split.queries]), classifier.references
         return self._vectors[split.name]
 
-    def shortlist(self, space: str, split: RecognitionSplit) -> tuple[np.ndarray, np.ndarray]:
+    def shortlist(self, space: Space, split: RecognitionSplit) -> tuple[np.ndarray, np.ndarray]:
         """Similarities and reference positions ``(Q, VERIFIED)`` of a space's shortlist, best first."""
         key = (space, split.name)
         if key not in self.shortlists:
-            if space.startswith("mx:"):
-                self.matrix_shortlists(space.endswith("+w"), split)
-            else:
+            if isinstance(space, MatrixSpace):
+                self.matrix_shortlists(space.whitened, split)
+            elif isinstance(space, AggregatedSpace):
                 self.shortlists[key] = exact_search(*self.vectors(space, split), VERIFIED)
+            else:
+                raise ConfigError(f"{space} has no shortlist before its verifier is trained")
         return self.shortlists[key]
 
-    def per_scale(self, whiten: bool, split: RecognitionSplit) -> tuple[np.ndarray, np.ndarray]:
-        """Queries and references ``(n, S, D)`` of ``split``, each scale whitened on its own if asked."""
-        if not whiten:
-            return self.x[split.queries], self.x[split.references]
-        pairs = [self.whitened(self.x[:, i], split) for i in range(len(self.scales))]
-        return np.stack([q for q, _ in pairs], 1), np.stack([r for _, r in pairs], 1)
-
     def matrix_shortlists(self, whiten: bool, split: RecognitionSplit) -> None:
-        """Shortlists of every reducer: top :data:`SHORTLIST` by the summed scales, re-ranked by the reduced
-        similarity matrices (as :class:`~lookalike.recognize.multiscale.MultiScaleKnn`)."""
-        xq, xb = self.per_scale(whiten, split)
-        ones = np.ones(len(self.scales))
-        _, short = exact_search(aggregate(xq, ones), aggregate(xb, ones), SHORTLIST)
-        kept = min(VERIFIED, short.shape[1])  # a small split has fewer references than VERIFIED
-        out = {r: (np.empty((len(short), kept)), np.empty((len(short), kept), np.int64)) for r in REDUCERS}
-        for q, row in enumerate(short):
-            matrices = similarity_matrices(xq[q], xb[row])
-            for name, reducer in REDUCERS.items():
-                reduced = reducer(matrices)
-                best = np.argsort(-reduced, kind="stable")[:kept]
-                out[name][0][q], out[name][1][q] = reduced[best], row[best]
-        for name, result in out.items():
-            self.shortlists[(f"mx:{name}{'+w' if whiten else ''}", split.name)] = result
+        """Shortlists of every reducer from one multi-scale classifier fitted on the split's references:
+        top :data:`SHORTLIST` by the summed scales, re-ranked by each reduced similarity matrix."""
+        classifier = MultiScaleKnn(k=VERIFIED, shortlist=SHORTLIST, whiten=whiten)
+        classifier.fit(self.x[split.references], self.labels[split.references])
+        for name, found in classifier.neighbours_by_reducer(self.x[split.queries], REDUCERS).items():
+            self.shortlists[(MatrixSpace(name, whiten), split.name)] = found
 
     # -- evaluating ------------------------------------------------------------------------------------
 
@@ -325,6 +247,8 @@ class _Ladder:
             return nn_classify(sims[:, :1], labels[ids[:, :1]], c.transform, ids[:, :1])
         if c.rule == "knn":
             return knn_classify(sims[:, : c.k], labels[ids[:, : c.k]], c.transform, ids[:, : c.k])
+        if not isinstance(c.space, AggregatedSpace):
+            raise ConfigError(f"the {c.rule} rule needs an aggregated space, got {c.space}")
         xq, xb = self.vectors(c.space, split)
         if c.rule == "mean":
             return mean_knn_classify(xq, xb, labels, ids[:, : c.k], c.transform)
@@ -339,7 +263,7 @@ class _Ladder:
         validation = Score(
             float(np.mean([s.gap for s in folds])), float(np.mean([s.accuracy for s in folds]))
         )
-        return LadderRow(variant, stage, describe(c, self.scales), c, validation, test)
+        return LadderRow(variant, stage, c.describe(self.scales), c, validation, test)
 
     def stage(self, stage: str, grids: dict[str, list[Config]]) -> dict[str, LadderRow]:
         """Evaluate every variant's grid (space by space), select by mean validation GAP (ties: first)."""
@@ -365,7 +289,7 @@ class _Ladder:
 
     # -- the verifier ---------------------------------------------------------------------------------
 
-    def pair_features(self, base: str, split: RecognitionSplit) -> np.ndarray:
+    def pair_features(self, base: Space, split: RecognitionSplit) -> np.ndarray:
         key = (base, split.name)
         if key not in self.features:
             sims, ids = self.shortlist(base, split)
@@ -376,7 +300,7 @@ class _Ladder:
             _log.info("pair features of %s (%d pairs) in %.0f s", split.name, ids.size, seconds)
         return self.features[key]
 
-    def verifiers(self, base: str) -> dict[str, PairVerifier]:
+    def verifiers(self, base: Space) -> dict[str, PairVerifier]:
         """Pair models trained on the verifier-training folds in ``base``'s shortlists."""
         features, targets = [], []
         for split in self.train:
@@ -388,7 +312,7 @@ class _Ladder:
         _log.info("training verifiers on %d pairs (%.1f%% same class)", len(y), 100 * y.mean())
         return train_verifiers(x, y, self.featurizer.names, len(feature_names(len(self.scales), local=False)))
 
-    def verify(self, bases: dict[str, list[str]]) -> None:
+    def verify(self, bases: dict[str, list[AggregatedSpace | MatrixSpace]]) -> None:
         """The last stages: shortlists of each variant's base spaces re-scored by every verifier."""
         names: list[str] = []
         for base in dict.fromkeys(b for spaces in bases.values() for b in spaces):
@@ -401,7 +325,8 @@ class _Ladder:
                 for name, model in models.items():
                     p = model.probability(features[..., : len(model.names)])
                     for rule in RULES:
-                        self.shortlists[(f"{base}|{name}|{rule}", split.name)] = rerank(sims, ids, p, rule)
+                        space = VerifiedSpace(base, name, rule, VERIFIED)
+                        self.shortlists[(space, split.name)] = rerank(sims, ids, p, rule)
         for stage, chosen in (
             ("+ verifier (no local features)", [n for n in names if n.endswith("-global")]),
             ("+ verifier", [n for n in names if not n.endswith("-global")]),
@@ -410,7 +335,7 @@ class _Ladder:
                 self.stage(
                     stage,
                     {
-                        v: [Config(f"{b}|{m}|{r}", "knn", t, k) for b in spaces for m in chosen for r in RULES for t in TRANSFORMS for k in KS]
+                        v: [Config(VerifiedSpace(b, m, r, VERIFIED), "knn", t, k) for b in spaces for m in chosen for r in RULES for t in TRANSFORMS for k in KS]
                         for v, spaces in bases.items()
                     },
                 )  # fmt: skip
@@ -419,9 +344,8 @@ class _Ladder:
 
     def run(self) -> LadderResult:
         variants = list(self.splits)
-        one = np.zeros(len(self.scales))
-        one[self.scales.index(1.0)] = 1
-        s1 = f"agg:{_bits(one)}"
+        one = self.scales.index(1.0)
+        s1 = AggregatedSpace(tuple(float(i == one) for i in range(len(self.scales))))
         self.stage("1-NN", {v: [Config(s1, "1nn")] for v in variants})
         self.stage("k-NN", {v: _grid(s1, ["knn"]) for v in variants})
         mean = self.stage("mean k-NN", {v: _grid(s1, ["mean"]) for v in variants})
@@ -433,24 +357,29 @@ class _Ladder:
             },
         )
         rules = ["1nn", "knn", "mean", "alpha"]
-        whitened = self.stage(
-            "+ PCA-whitening", {v: _grid(f"{s1}+w", rules, alpha[v].config) for v in variants}
-        )
-        matrix = {v: [Config(f"mx:{r}+w", "knn", t, k) for r in REDUCERS for t in TRANSFORMS for k in KS] for v in variants}  # fmt: skip
+        s1w = replace(s1, whitened=True)
+        whitened = self.stage("+ PCA-whitening", {v: _grid(s1w, rules, alpha[v].config) for v in variants})
+        matrix = {v: [Config(MatrixSpace(r, True), "knn", t, k) for r in REDUCERS for t in TRANSFORMS for k in KS] for v in variants}  # fmt: skip
         matrix_best = self.stage("similarity matrix", matrix)
-        weights = [_bits(w) for w in binary_weight_vectors(len(self.scales))]
+        weights = [tuple(float(w) for w in row) for row in binary_weight_vectors(len(self.scales))]
         sweep = {}
         for v in variants:
             template = max(whitened[v], alpha[v], key=lambda r: r.validation.gap).config
-            sweep[v] = [replace(template, space=f"agg:{b}+w") for b in weights]
+            sweep[v] = [replace(template, space=AggregatedSpace(w, True)) for w in weights]
         chosen = self.stage("aggregation: weights", sweep)
         final = self.stage(
             "aggregation", {v: _grid(chosen[v].config.space, rules, alpha[v].config) for v in variants}
         )
         # The verifier re-scores the shortlist of the better method so far: aggregation or the matrix.
         bases = {v: max(final[v], matrix_best[v], key=lambda r: r.validation.gap) for v in variants}
-        self.verify({v: [row.config.space] for v, row in bases.items()})
+        self.verify({v: [_unverified(row.config.space)] for v, row in bases.items()})
         return LadderResult(tuple(self.rows), tuple(self.timings), self.verifier_pairs)
+
+
+def _unverified(space: Space) -> AggregatedSpace | MatrixSpace:
+    if isinstance(space, VerifiedSpace):
+        raise ConfigError(f"a verified space cannot be verified again: {space}")
+    return space
 
 
 def run_ladder(
@@ -467,7 +396,7 @@ def run_ladder(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> LadderResult:
     """Run the whole ladder on per-image descriptors ``(N, S, D)`` of ``dataset`` (one row per image, at
-    ``scales``) over ``splits`` (default :func:`distractor_splits`).
+    ``scales``) over ``splits`` (default :func:`~lookalike.evaluate.splits.distractor_splits`).
 
     ``local`` (a :class:`~lookalike.recognize.features.LocalFeatureCache`) adds SIFT inliers to the
     verifier's features; without it only the ``+ verifier (no local features)`` stage runs. ``folds``
@@ -485,24 +414,11 @@ def run_ladder(
 
 __all__ = [
     "ALPHAS",
-    "BALANCED",
     "KS",
     "SHORTLIST",
     "STAGES",
-    "TINI",
-    "TINI_OBJECT_QUERIES",
-    "VARIANTS",
     "VERIFIED",
-    "Config",
     "LadderResult",
     "LadderRow",
-    "RecognitionSplit",
-    "Score",
-    "describe",
-    "describe_space",
-    "distractor_splits",
     "run_ladder",
-    "score",
-    "shared_references",
-    "validation_folds",
 ]

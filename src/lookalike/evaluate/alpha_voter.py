@@ -1,6 +1,11 @@
 """α-expanded mean k-NN for a whole grid of α and k at once: the rule of
 :func:`~lookalike.recognize.knn.alpha_mean_knn_classify`, computed from per-class Gram matrices so that the
-ladder of :mod:`~lookalike.recognize.protocol` sweeps α and k without further products."""
+ladder of :mod:`~lookalike.evaluate.ladder` sweeps α and k without further products.
+
+An evaluation accelerator, not a second classifier: it keeps a ``(n_c, n_c)`` Gram matrix per class (fine
+for a benchmark's references, not for a collection's) and computes the similarities in float32, so its
+confidences match the library's float64 rule to about 1e-7 (``tests/test_recognition_protocol.py``).
+On a Caltech-sized grid it is ~50× faster than calling the library's rule for every α and k."""
 
 from __future__ import annotations
 
