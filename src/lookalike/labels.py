@@ -52,6 +52,20 @@ class LabelledImages:
         )
 
 
+def folder_classes(root: Path) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """``(image, class)`` for every image below ``root`` in a sub-folder, the class being the top-level
+    sub-folder's name, and the images directly in ``root`` (which belong to no class)."""
+    if not root.is_dir():
+        raise ConfigError(f"{root} is not a folder")
+    pairs, loose = [], []
+    for path in walk_images(root):
+        if path.parent == root:
+            loose.append(path)
+        else:
+            pairs.append((path, path.relative_to(root).parts[0]))
+    return pairs, loose
+
+
 def labelled_folder(root: str | Path, distractor: str | None = None) -> LabelledImages:
     """Every image below ``root``, labelled with the name of its top-level sub-folder.
 
@@ -62,9 +76,7 @@ def labelled_folder(root: str | Path, distractor: str | None = None) -> Labelled
     name as label and are flagged by :attr:`LabelledImages.is_distractor`.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise ConfigError(f"{root} is not a folder")
-    pairs = [(path, path.relative_to(root).parts[0]) for path in walk_images(root) if path.parent != root]
+    pairs, _ = folder_classes(root)
     if not pairs:
         raise ConfigError(f"{root} has no class sub-folders with images")
     dataset = LabelledImages(tuple(p for p, _ in pairs), tuple(label for _, label in pairs), distractor)

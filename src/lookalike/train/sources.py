@@ -67,23 +67,15 @@ class HardNegativeTuples:
         self, images: TrainingImages, negatives: int = DEFAULT_NEGATIVES, positives: PositiveRule = "nearest"
     ) -> None:
         _check_negatives(images, negatives, "classes")
-        self._images = images
-        self._negatives = negatives
+        self.images = images
+        self.negatives = negatives
         self.positives: PositiveRule = positives
-
-    @property
-    def images(self) -> TrainingImages:
-        return self._images
-
-    @property
-    def negatives(self) -> int:
-        return self._negatives
 
     def tuples(
         self, sample: EpochSample, query_desc: np.ndarray, pool_desc: np.ndarray, rng: np.random.Generator
     ) -> np.ndarray:
-        labels = self._images.labels
-        return build_tuples(sample, query_desc, pool_desc, labels, self._negatives, self.positives, rng)
+        labels = self.images.labels
+        return build_tuples(sample, query_desc, pool_desc, labels, self.negatives, self.positives, rng)
 
     def render(self, image: Image.Image, slot: int, seed: int) -> Image.Image:
         return image
@@ -101,29 +93,21 @@ class AugmentedTuples:
         augment_query: bool = True,
     ) -> None:
         _check_negatives(images, negatives, "photos")
-        self._images = images
-        self._negatives = negatives
+        self.images = images
+        self.negatives = negatives
         self.augment = augment
         self.augment_query = augment_query
-
-    @property
-    def images(self) -> TrainingImages:
-        return self._images
-
-    @property
-    def negatives(self) -> int:
-        return self._negatives
 
     def tuples(
         self, sample: EpochSample, query_desc: np.ndarray, pool_desc: np.ndarray, rng: np.random.Generator
     ) -> np.ndarray:
-        labels = self._images.labels
+        labels = self.images.labels
         negatives = mine_hard_negatives(
-            query_desc, pool_desc, labels[sample.queries], labels[sample.pool], self._negatives
+            query_desc, pool_desc, labels[sample.queries], labels[sample.pool], self.negatives
         )
         if (negatives < 0).any():
             raise TrainingSetError(
-                f"a pool of {sample.pool.size} photos holds fewer than {self._negatives} others; "
+                f"a pool of {sample.pool.size} photos holds fewer than {self.negatives} others; "
                 "enlarge the pool or lower the number of negatives"
             )
         queries = sample.queries[:, None]

@@ -22,8 +22,8 @@ import torch
 
 from lookalike.errors import ConfigError, DatasetError, ImageError
 from lookalike.images import image_size
+from lookalike.labels import folder_classes
 from lookalike.train.losses import Targets
-from lookalike.walk import walk_images
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +107,8 @@ def images_from_folder(root: str | Path, check_images: bool = True) -> TrainingI
     :class:`TrainingSetError` for fewer than 2 classes or a class of one image.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise ConfigError(f"{root} is not a folder")
-    pairs, skipped = [], []
-    for path in walk_images(root):
-        if path.parent == root:
-            skipped.append((path, "directly in the training folder, not in a class sub-folder"))
-        else:
-            pairs.append((path, path.relative_to(root).parts[0]))
+    pairs, loose = folder_classes(root)
+    skipped = [(path, "directly in the training folder, not in a class sub-folder") for path in loose]
     return _training_images(pairs, skipped, str(root), check_images)
 
 
