@@ -223,7 +223,7 @@ def main() -> None:
         f"# Recognition with distractors — Caltech-101\n\nCommand: `{Path(sys.executable).name} "
         f"{' '.join(sys.argv)}` — {datetime.now(UTC):%Y-%m-%d}, {cpu_info().describe()}, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s in all "
-        f"(descriptors cached).\n\n" + PROTOCOL
+        f"(describing included unless the descriptors were cached).\n\n" + PROTOCOL
     )
     text = header + "\n\n" + "\n\n".join(sections) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
