@@ -13,20 +13,15 @@ scales: backbone plus that pooling, decoding excluded. Descriptors are cached, s
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
-
-from lookalike.cpu import cpu_info
 from lookalike.evaluate import protocols
 from lookalike.evaluate.run import EvalResult, all_variants, evaluate
 from lookalike.extract import MULTI_SCALES
 from lookalike.registry import get_model_config
 from lookalike.weights import cache_path
+from report import command_line, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -92,15 +87,8 @@ def main() -> None:
             small_results = evaluate(evalset, model, small_variants, args.imsize, scales=scales)
             sections.append(markdown(f"{name} sample — {model}", small_results, ns=name == "ukbench"))
             records += [r.as_dict() for r in small_results]
-    header = (
-        f"Command: `{Path(sys.executable).name} {' '.join(sys.argv)}` — {datetime.now(UTC):%Y-%m-%d}, "
-        f"{cpu_info().describe()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{time.perf_counter() - started:.0f} s in all."
-    )
-    text = header + "\n\n" + "\n\n".join(sections) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(records, indent=1))
+    text = command_line(started) + "\n\n" + "\n\n".join(sections) + "\n"
+    write_report(args.out, text, records)
     print(text)
 
 

@@ -34,24 +34,19 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from itertools import product
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
-from lookalike.cpu import cpu_info
 from lookalike.evaluate import protocols
 from lookalike.evaluate.protocols import CALTECH_DISTRACTOR, EvalSet
 from lookalike.evaluate.run import Variant, evaluate
@@ -62,6 +57,7 @@ from lookalike.train.augment import strong_augment
 from lookalike.train.run import TrainingRun
 from lookalike.train.settings import TrainSettings
 from lookalike.weights import cache_path
+from report import command_line, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -284,9 +280,7 @@ def main() -> None:
     labelled = [r for r in measured if r["label"] != "unlabelled"]
     unlabelled = [r for r in measured if r["label"] == "unlabelled"]
     header = (
-        f"Command: `{Path(sys.executable).name} {' '.join(sys.argv)}` — {datetime.now(UTC):%Y-%m-%d}, "
-        f"{cpu_info().describe()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{(time.perf_counter() - started) / 60:.1f} min in all. {args.model}, training at {args.imsize} px, "
+        f"{command_line(started, minutes=True)} {args.model}, training at {args.imsize} px, "
         f"evaluation at {args.eval_imsize} px; {count} training images of the seeded half of the classes."
     )
     text = header + "\n\n" + table(base, labelled) + "\n"
@@ -296,10 +290,7 @@ def main() -> None:
             f"{100 * base['recall@1']:.1f} % off the shelf → {100 * r['recall@1']:.1f} % after {r['epochs']} "
             f"self-supervised epochs ({r['train_seconds'] / 60:.1f} min); held-out mAP {100 * r['map']:.2f}.\n"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps({"base": base, "rows": measured, "args": vars(args)},
-                                                        indent=1, default=str))  # fmt: skip
+    write_report(args.out, text, {"base": base, "rows": measured, "args": vars(args)}, default=str)
     print(text)
 
 

@@ -19,27 +19,23 @@ class is present). The UKBench and Holidays samples are used whole.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
-import torch
 
 import lookalike.evaluate.run as run
-from lookalike.cpu import cpu_info
 from lookalike.evaluate import protocols
 from lookalike.evaluate.protocols import CALTECH_DISTRACTOR, EvalSet
 from lookalike.evaluate.run import EvalResult, Variant, evaluate
 from lookalike.extract import Extractor, scale_combination_power
 from lookalike.pooling import gem_power
 from lookalike.walk import walk_images
+from report import command_line, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -124,16 +120,9 @@ def main() -> None:
                     before = evaluate(evalset, model, variants, args.imsize, progress=progress)
                 after = evaluate(evalset, model, variants, args.imsize)  # the same cached descriptors
                 rows += [(name, b, a) for b, a in zip(before, after, strict=True)]
-    header = (
-        f"Command: `{Path(sys.executable).name} {' '.join(sys.argv)}` — {datetime.now(UTC):%Y-%m-%d}, "
-        f"{cpu_info().describe()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{time.perf_counter() - started:.0f} s in all. {sizes}"
-    )
-    text = header + "\n\n" + table(rows) + "\n"
+    text = f"{command_line(started)} {sizes}\n\n" + table(rows) + "\n"
     records = [{"protocol": name, "before": b.as_dict(), "after": a.as_dict()} for name, b, a in rows]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(records, indent=1))
+    write_report(args.out, text, records)
     print(text)
 
 

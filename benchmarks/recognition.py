@@ -19,16 +19,10 @@ in chunks by ``lookalike.evaluate.recognition`` (which runs the whole protocol) 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
-
-from lookalike.cpu import cpu_info
 from lookalike.evaluate.ladder import LadderResult
 from lookalike.evaluate.protocols import CALTECH_DISTRACTOR
 from lookalike.evaluate.recognition import (
@@ -40,6 +34,7 @@ from lookalike.evaluate.recognition import (
 )
 from lookalike.evaluate.spaces import SYMBOLS, VerifiedSpace
 from lookalike.registry import get_model_config
+from report import command_line, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "caltech101"
@@ -220,15 +215,11 @@ def main() -> None:
     if args.extract_only:
         return
     header = (
-        f"# Recognition with distractors — Caltech-101\n\nCommand: `{Path(sys.executable).name} "
-        f"{' '.join(sys.argv)}` — {datetime.now(UTC):%Y-%m-%d}, {cpu_info().describe()}, torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads, {time.perf_counter() - started:.0f} s in all "
-        f"(describing included unless the descriptors were cached).\n\n" + PROTOCOL
+        f"# Recognition with distractors — Caltech-101\n\n{command_line(started)} Describing is included "
+        "unless the descriptors were cached.\n\n" + PROTOCOL
     )
     text = header + "\n\n" + "\n\n".join(sections) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(text)
-    args.out.with_suffix(".json").write_text(json.dumps(records, indent=1, ensure_ascii=False))
+    write_report(args.out, text, records, ensure_ascii=False)
     print(text)
 
 
