@@ -201,3 +201,12 @@ def test_inference_net_never_changes_the_reference_network(arch) -> None:
     assert all(v.dtype != torch.bfloat16 for v in reference.state_dict().values())
     assert all(torch.equal(before[k], v) for k, v in reference.state_dict().items())
     assert fast(x).shape == (1, reference.dim)
+
+
+def test_equal_key_batches_group_by_key_in_order_and_bound_the_batch() -> None:
+    from lookalike.extract import equal_key_batches
+
+    keys = ["a", "b", "a", "a", "c", "b", "a"]
+    assert list(equal_key_batches(keys, 2)) == [[0, 2], [3, 6], [1, 5], [4]]
+    assert list(equal_key_batches(keys)) == [[0, 2, 3, 6], [1, 5], [4]]
+    assert list(equal_key_batches([], 3)) == []

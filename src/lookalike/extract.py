@@ -6,7 +6,7 @@ import hashlib
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -143,6 +143,19 @@ def combine_scales(vectors: np.ndarray, power: float) -> np.ndarray:
     return (combined / max(np.linalg.norm(combined), 1e-12)).astype(np.float32)
 
 
+def equal_key_batches(keys: Sequence[Hashable], batch_size: int | None = None) -> Iterator[list[int]]:
+    """Positions of ``keys`` in batches that share one key (inputs of one size, stackable into one tensor),
+    at most ``batch_size`` long (``None``: no limit); keys in order of first appearance, each batch in
+    input order."""
+    groups: dict[Hashable, list[int]] = defaultdict(list)
+    for position, key in enumerate(keys):
+        groups[key].append(position)
+    for members in groups.values():
+        step = batch_size or len(members)
+        for start in range(0, len(members), step):
+            yield members[start : start + step]
+
+
 class Describer(Protocol):
     """What turns images into descriptors for a collection: the in-process :class:`Extractor` today; a pool
     of Ray workers or an ONNX model are other implementations of the same four members (all read-only, so a
@@ -248,17 +261,13 @@ class Extractor:
             return _Decoded(index, path, error=exc)
 
     def _run_batched(self, items: list[_Decoded], batch_size: int) -> dict[int, np.ndarray]:
-        groups: dict[tuple[int, int, int], list[tuple[int, torch.Tensor]]] = defaultdict(list)
-        for item in items:
-            for scale_index, tensor in enumerate(item.tensors):
-                groups[(scale_index, *tensor.shape[1:])].append((item.index, tensor))
+        inputs = [(item.index, s, tensor) for item in items for s, tensor in enumerate(item.tensors)]
         per_scale: dict[int, list[tuple[int, np.ndarray]]] = defaultdict(list)
-        for (scale_index, *_), members in groups.items():
-            for start in range(0, len(members), batch_size):
-                chunk = members[start : start + batch_size]
-                rows = self.describe_tensors(torch.stack([t for _, t in chunk]))
-                for (index, _), row in zip(chunk, rows, strict=True):
-                    per_scale[index].append((scale_index, row))
+        for batch in equal_key_batches([(s, *tensor.shape) for _, s, tensor in inputs], batch_size):
+            rows = self.describe_tensors(torch.stack([inputs[i][2] for i in batch]))
+            for i, row in zip(batch, rows, strict=True):
+                index, scale_index, _ = inputs[i]
+                per_scale[index].append((scale_index, row))
         return {
             index: combine_scales(
                 np.stack([row for _, row in sorted(rows, key=lambda r: r[0])]), self.scale_power

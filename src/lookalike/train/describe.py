@@ -4,7 +4,6 @@ the current network, frozen stages, Adam's parameter groups and the first whiten
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,11 +12,12 @@ from typing import Any, Final
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor, nn
+from torch import nn
 
 from lookalike.attention import AttentiveBackbone
 from lookalike.backbones.base import Backbone
 from lookalike.errors import ConfigError, ImageError
+from lookalike.extract import equal_key_batches
 from lookalike.images import load_image, resize_max_side
 from lookalike.network import DescriptorNet, InferenceNet, Precision
 from lookalike.registry import Preprocess
@@ -53,26 +53,16 @@ def load_images(paths: Sequence[Path], imsize: int) -> list[Image.Image | ImageE
         return list(pool.map(one, paths))
 
 
-def same_size_groups(tensors: Sequence[Tensor]) -> list[list[int]]:
-    """Indices of ``tensors`` grouped by shape, each group in input order, groups by first member."""
-    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for i, tensor in enumerate(tensors):
-        groups[tuple(tensor.shape)].append(i)
-    return list(groups.values())
-
-
 def describe_images(
     net: InferenceNet, images: Sequence[Image.Image], preprocess: Preprocess, batch_size: int = DESCRIBE_BATCH
 ) -> np.ndarray:
     """``(N, D)`` float32 descriptors of ``images``, same-size inputs batched together."""
     tensors = [to_tensor(image, preprocess) for image in images]
     rows: list[np.ndarray | None] = [None] * len(tensors)
-    for group in same_size_groups(tensors):
-        for start in range(0, len(group), batch_size):
-            chunk = group[start : start + batch_size]
-            out = net(torch.stack([tensors[i] for i in chunk])).float().numpy()
-            for i, row in zip(chunk, out, strict=True):
-                rows[i] = row
+    for batch in equal_key_batches([tuple(t.shape) for t in tensors], batch_size):
+        out = net(torch.stack([tensors[i] for i in batch])).float().numpy()
+        for i, row in zip(batch, out, strict=True):
+            rows[i] = row
     return np.stack(rows) if rows else np.zeros((0, 0), np.float32)  # type: ignore[arg-type]
 
 
@@ -204,5 +194,4 @@ __all__ = [
     "load_training_image",
     "parameter_groups",
     "same_class_pairs",
-    "same_size_groups",
 ]

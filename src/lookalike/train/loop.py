@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from lookalike.cpu import cpu_info
 from lookalike.errors import CheckpointError, ImageError, WeightsError
+from lookalike.extract import equal_key_batches
 from lookalike.network import (
     DescriptorNet,
     Precision,
@@ -48,7 +49,6 @@ from lookalike.train.describe import (
     freeze_stages,
     load_images,
     parameter_groups,
-    same_size_groups,
 )
 from lookalike.train.losses import Loss, Targets
 from lookalike.train.settings import TrainSettings
@@ -322,7 +322,7 @@ class Trainer:
 
     def _forward(self, tensors: list[Tensor], precision: Precision) -> Tensor:
         """Descriptors ``(N, D)`` of inputs of any sizes, in input order (same-size inputs batched)."""
-        groups = same_size_groups(tensors)
+        groups = list(equal_key_batches([tuple(t.shape) for t in tensors]))
         parts = [
             forward_descriptors(self.net, torch.stack([tensors[i] for i in g]), precision) for g in groups
         ]
