@@ -111,8 +111,8 @@ def test_other_settings_are_refused_and_more_epochs_are_not(trained, home: Path,
         code == 1 and "other settings (loss: 'contrastive' → 'triplet')" in output and "--restart" in output
     )
     code, output = invoke(
-        home, "train", "--data", str(photos), "--backbone", MODEL, "--epochs", "1", *TINY, "--name", "lite-cats",
-        "--json", "--quiet",
+        home, "train", "--data", str(photos), "--backbone", MODEL, "--loss", "contrastive", "--epochs", "1", *TINY,
+        "--name", "lite-cats", "--json", "--quiet",
     )  # fmt: skip
     assert code == 0 and output == ""
 

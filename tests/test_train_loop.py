@@ -20,7 +20,7 @@ from torch import nn
 from lookalike import backbones
 from lookalike.attention import with_attention
 from lookalike.backbones.base import Backbone
-from lookalike.errors import CheckpointError, ConfigError, WeightsError
+from lookalike.errors import CheckpointError, ConfigError, TrainingSetError, WeightsError
 from lookalike.network import (
     DescriptorNet,
     InferenceNet,
@@ -37,7 +37,7 @@ from lookalike.train.heads import LearnableGeM, WhiteningLayer
 from lookalike.train.loop import Trainer, bf16_disagreement
 from lookalike.train.settings import TrainSettings, build_loss
 from lookalike.train.sources import AugmentedTuples, HardNegativeTuples, TupleSource, images_unlabelled
-from lookalike.train.tuples import EpochSample, TrainingImages, TrainingSetError, images_from_folder
+from lookalike.train.tuples import EpochSample, TrainingImages, images_from_folder
 from lookalike.whitening import fit_pca_whitening
 
 

@@ -65,7 +65,7 @@ def test_a_published_model_is_a_registry_entry_that_loads_like_the_trained_net(h
         True,
     )
     assert config.licence == BASE.licence and config.preprocess == BASE.preprocess
-    assert config.description == "fine-tuned from tiny.base with contrastive (+SOA) on /data/objects, epoch 1"
+    assert config.description == "fine-tuned from tiny.base with ap (+SOA) on /data/objects, epoch 1"
     (source,) = config.sources
     assert source.locator == (home / "models" / "mine" / WEIGHTS_FILE).as_uri()
     assert "mine" in [c.name for c in list_models()]

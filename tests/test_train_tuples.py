@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike.errors import ConfigError, DatasetError
+from lookalike.errors import ConfigError, DatasetError, TrainingSetError
 from lookalike.train.tuples import (
     EpochSample,
-    TrainingSetError,
     build_tuples,
     choose_positives,
     images_from_csv,

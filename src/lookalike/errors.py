@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -79,6 +80,14 @@ class CollectionBusyError(CollectionError):
 
 class DatasetError(LookalikeError):
     """A dataset or ground-truth file is missing, malformed, or refused (e.g. a pickle naming unsafe code)."""
+
+
+class TrainingSetError(DatasetError):
+    """A training set that cannot make tuples; ``classes`` names the classes at fault, if any."""
+
+    def __init__(self, message: str, classes: Iterable[str] = ()) -> None:
+        self.classes = tuple(classes)
+        super().__init__(message)
 
 
 class LocalModelError(WeightsError):

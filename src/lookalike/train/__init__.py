@@ -14,6 +14,7 @@ from lookalike.attention import (
     second_order_attention,
     with_attention,
 )
+from lookalike.errors import TrainingSetError
 from lookalike.train.augment import (
     Augmentation,
     AugmentConfig,
@@ -52,7 +53,6 @@ from lookalike.train.tuples import (
     EpochSample,
     PositiveRule,
     TrainingImages,
-    TrainingSetError,
     build_tuples,
     choose_positives,
     images_from_csv,

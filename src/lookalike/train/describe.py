@@ -16,13 +16,13 @@ from torch import nn
 
 from lookalike.attention import AttentiveBackbone
 from lookalike.backbones.base import Backbone
-from lookalike.errors import ConfigError, ImageError
+from lookalike.errors import ConfigError, ImageError, TrainingSetError
 from lookalike.extract import equal_key_batches
 from lookalike.images import load_image, resize_max_side
 from lookalike.network import DescriptorNet, InferenceNet, Precision
 from lookalike.registry import Preprocess
 from lookalike.train.heads import WhiteningLayer
-from lookalike.train.tuples import TrainingSetError, sample_pool
+from lookalike.train.tuples import sample_pool
 from lookalike.transforms import to_tensor
 from lookalike.whitening import fit_chosen_pca_whitening, fit_learned_whitening
 

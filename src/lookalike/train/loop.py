@@ -34,7 +34,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from lookalike.cpu import cpu_info
-from lookalike.errors import CheckpointError, ImageError, WeightsError
+from lookalike.errors import CheckpointError, ImageError, TrainingSetError, WeightsError
 from lookalike.extract import equal_key_batches
 from lookalike.network import (
     DescriptorNet,
@@ -53,7 +53,7 @@ from lookalike.train.describe import (
 from lookalike.train.losses import Loss, Targets
 from lookalike.train.settings import TrainSettings
 from lookalike.train.sources import TupleSource
-from lookalike.train.tuples import EpochSample, TrainingSetError, sample_epoch, tuple_targets
+from lookalike.train.tuples import EpochSample, sample_epoch, tuple_targets
 from lookalike.transforms import to_tensor
 
 log = logging.getLogger(__name__)

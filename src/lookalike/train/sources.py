@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from lookalike.errors import ConfigError, ImageError
+from lookalike.errors import ConfigError, ImageError, TrainingSetError
 from lookalike.images import image_size
 from lookalike.train.augment import AugmentConfig, strong_augment
 from lookalike.train.tuples import (
@@ -24,7 +24,6 @@ from lookalike.train.tuples import (
     EpochSample,
     PositiveRule,
     TrainingImages,
-    TrainingSetError,
     build_tuples,
     images_from_csv,
     images_from_folder,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -20,7 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from lookalike.errors import ConfigError, DatasetError, ImageError
+from lookalike.errors import ConfigError, ImageError, TrainingSetError
 from lookalike.images import image_size
 from lookalike.labels import folder_classes
 from lookalike.train.losses import Targets
@@ -31,14 +30,6 @@ DEFAULT_NEGATIVES = 5
 _LISTED = 20  # class names an error message lists before "and N more"
 
 PositiveRule = Literal["nearest", "random"]
-
-
-class TrainingSetError(DatasetError):
-    """A training set that cannot make tuples; ``classes`` names the classes at fault, if any."""
-
-    def __init__(self, message: str, classes: Iterable[str] = ()) -> None:
-        self.classes = tuple(classes)
-        super().__init__(message)
 
 
 @dataclass(frozen=True, eq=False)
