@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import shutil
 import tempfile
@@ -49,6 +50,7 @@ import numpy as np
 from PIL import Image
 
 from lookalike.evaluate import protocols
+from lookalike.evaluate.extraction import extract_variants
 from lookalike.evaluate.protocols import CALTECH_DISTRACTOR, EvalSet
 from lookalike.evaluate.run import Variant, evaluate
 from lookalike.extract import DescriptorSettings, Extractor
@@ -172,13 +174,14 @@ def copy_set(evalset: EvalSet, copies: int, seed: int, into: Path) -> tuple[list
 def recall_at_1(
     model: str, database: tuple[Path, ...], queries: list[Path], truth: np.ndarray, imsize: int
 ) -> float:
-    extractor = Extractor(DescriptorSettings(model=model, pooling="gem", imsize=imsize, precision="fp32"))
-    db = np.stack([d.vector for d in extractor.describe_files(database) if d.vector is not None])
-    found = [d for d in extractor.describe_files(queries)]
-    if len(db) != len(database) or any(d.vector is None for d in found):
+    """Recall@1 of GeM descriptors; the database's are those :func:`heldout_map` extracted (cached)."""
+    extractor = Extractor(DescriptorSettings(model=model, imsize=imsize, scales=(1.0,), precision="fp32"))
+    db = extract_variants(extractor, database)
+    found = extract_variants(extractor, queries, use_cache=False)
+    if db.failed.any() or found.failed.any():
         raise RuntimeError("an image of the copy-detection set could not be described")
-    q = np.stack([d.vector for d in found])  # type: ignore[misc]
-    return float(np.mean(np.argmax(q @ db.T, axis=1) == truth))
+    q, d = found.vectors["gem"][:, 0], db.vectors["gem"][:, 0]
+    return float(np.mean(np.argmax(q @ d.T, axis=1) == truth))
 
 
 def train(settings: TrainSettings, name: str, budget: float) -> dict[str, Any]:
@@ -194,18 +197,25 @@ def train(settings: TrainSettings, name: str, budget: float) -> dict[str, Any]:
     return {"epochs": len(history), "train_seconds": time.perf_counter() - started, "history": history}
 
 
+def percent(value: float, signed: bool = False) -> str:
+    """``value`` as a percentage for the table; a skipped measurement (NaN) as a dash."""
+    if math.isnan(value):
+        return "–"
+    return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+
+
 def table(base: dict, rows: list[dict]) -> str:
     lines = [
         "| variant | epochs | training | mAP | Δ | mAP + learned w. | Δ | train img/s | describe img/s |",
         "|---|---|---|---|---|---|---|---|---|",
-        f"| off-the-shelf | – | – | {100 * base['map']:.2f} | | {100 * base['map_learned']:.2f} | | | |",
+        f"| off-the-shelf | – | – | {percent(base['map'])} | | {percent(base['map_learned'])} | | | |",
     ]
     for r in rows:
         last = r["history"][-1] if r["history"] else {}
         lines.append(
-            f"| {r['label']} | {r['epochs']} | {r['train_seconds'] / 60:.1f} min | {100 * r['map']:.2f} | "
-            f"{100 * (r['map'] - base['map']):+.2f} | {100 * r['map_learned']:.2f} | "
-            f"{100 * (r['map_learned'] - base['map_learned']):+.2f} | "
+            f"| {r['label']} | {r['epochs']} | {r['train_seconds'] / 60:.1f} min | {percent(r['map'])} | "
+            f"{percent(r['map'] - base['map'], signed=True)} | {percent(r['map_learned'])} | "
+            f"{percent(r['map_learned'] - base['map_learned'], signed=True)} | "
             f"{last.get('train_images_per_second', 0):.1f} | {last.get('describe_images_per_second', 0):.1f} |"
         )
     return "\n".join(lines)
