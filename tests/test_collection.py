@@ -228,8 +228,8 @@ def test_query_expansion_equals_expanding_over_every_stored_descriptor(indexed: 
     assert [h.score for h in hits] != pytest.approx([h.score for h in indexed.search(query, k=5)], abs=1e-4)
     folder_hits = indexed.search_vectors(query[None], k=5, rerank="aqe")[0]
     assert [h.id for h in folder_hits] == [h.id for h in hits]
-    with pytest.raises(ConfigError, match="unknown re-ranker 'sv'"):
-        indexed.search(query, rerank="sv")
+    with pytest.raises(ConfigError, match="unknown re-ranker 'magic'"):
+        indexed.search(query, rerank="magic")
 
 
 def test_an_indexed_query_never_expands_with_itself(indexed: Collection) -> None:

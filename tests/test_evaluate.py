@@ -148,7 +148,7 @@ def test_evaluate_on_real_samples_and_cache_reuse(monkeypatch) -> None:
         assert result.variant.label.startswith("rmac/ss/none/")
         assert result.map > 0.9  # expanding with true neighbours keeps the groups on top
     with pytest.raises(ConfigError, match="rerank"):
-        Variant("rmac", False, "none", "diffusion")
+        Variant("rmac", False, "none", "magic")
 
 
 @pytest.mark.weights

@@ -171,7 +171,7 @@ def test_search_with_a_chain_of_rerankers(
 @pytest.mark.parametrize(
     ("rerank", "detail"),
     [
-        ("sv", "unknown re-ranker 'sv'; the registered ones are aqe:n=2,alpha=3.0, dba:n=2,alpha=3.0"),
+        ("magic", "unknown re-ranker 'magic'; the registered ones are aqe:n=2,alpha=3.0, dba:n=2,alpha=3.0"),
         ("aqe:n=0", "aqe needs n from 1 to 1000"),
         ("aqe:m=2", "aqe has no option 'm'"),
         ("dba,,aqe", "empty stage"),

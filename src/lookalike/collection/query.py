@@ -18,9 +18,10 @@ from PIL import Image
 
 from lookalike.collection import ann
 from lookalike.collection.store import ImageRecord
-from lookalike.errors import CollectionError
+from lookalike.errors import CollectionError, ImageError
 from lookalike.extract import Describer, FileDescriptor, ResolvedDescriptor
-from lookalike.images import load_image
+from lookalike.images import crop_bbox, load_image
+from lookalike.local.features import LocalDescriber, LocalFeatures
 from lookalike.rerank import NONE, Chain, parse_chain
 
 Query = np.ndarray | Image.Image | int | str | Path
@@ -62,6 +63,8 @@ class Images(Protocol):
 
     def prepare(self, raw: np.ndarray) -> np.ndarray: ...
 
+    def local_features(self, ids: Sequence[int], describer: LocalDescriber) -> list[LocalFeatures | None]: ...
+
 
 class DescribedImages(Images, Protocol):
     """Images that come with the describer of their descriptors."""
@@ -77,8 +80,9 @@ def query_vector(images: DescribedImages, query: Query, bbox: BBox | None = None
 
 def resolve_query(
     images: Images, describer: Describer, query: Query, bbox: BBox | None = None
-) -> tuple[np.ndarray, int | None]:
-    """The raw ``(D,)`` descriptor of a query, and its image id when the query *is* an indexed image.
+) -> tuple[np.ndarray, int | None, Image.Image | None]:
+    """The raw ``(D,)`` descriptor of a query, its image id when the query *is* an indexed image, and the
+    pixels it was described from (cropped to ``bbox``), when it was described now.
 
     An ``int`` is an indexed image id; a path that is indexed and unchanged reuses its stored descriptor
     (unless a ``bbox`` asks for a crop, then the file is described cropped); any other file or a PIL image
@@ -93,26 +97,33 @@ def resolve_query(
             raise CollectionError(
                 f"query descriptor has dimension {vector.shape[0]}, the collection {images.dim}"
             )
-        return vector, None
+        return vector, None, None
     if isinstance(query, bool):
         raise CollectionError("a query is an image, a path, an image id or a descriptor")
     if isinstance(query, (int, np.integer)):
         query = int(query)
         if bbox is None:
-            return images.vectors_of([query])[0], query
+            return images.vectors_of([query])[0], query, None
         record = images.records([query]).get(query)
         if record is None:
             raise CollectionError(f"image {query} is not in the collection")
         query = images.absolute_path(record.path)
     if isinstance(query, Image.Image):
-        return describer.describe(query.convert("RGB"), bbox=bbox), None
+        return _described(describer, query.convert("RGB"), bbox)
     path = Path(query)
     record = images.record(path)
     if record is not None and bbox is None and _unchanged(images, record):
-        return images.vectors_of([record.id])[0], record.id
+        return images.vectors_of([record.id])[0], record.id, None
     if not path.exists() and record is not None:
         path = images.absolute_path(record.path)
-    return describer.describe(load_image(path), bbox=bbox), None
+    return _described(describer, load_image(path), bbox)
+
+
+def _described(
+    describer: Describer, image: Image.Image, bbox: BBox | None
+) -> tuple[np.ndarray, None, Image.Image]:
+    vector = describer.describe(image, bbox=bbox)
+    return vector, None, crop_bbox(image, bbox) if bbox is not None else image
 
 
 def indexed_id(images: Images, path: Path) -> int:
@@ -162,6 +173,9 @@ class IndexedVectors:
         ids, raw = self.images.raw_vectors()
         return ids, self.images.prepare(raw)
 
+    def local_features(self, ids: Sequence[int], describer: LocalDescriber) -> list[LocalFeatures | None]:
+        return self.images.local_features(ids, describer)
+
 
 class LazyDescriber:
     """A :class:`Describer` that asks ``build`` for the real one each time it is used, so that holding it
@@ -200,16 +214,22 @@ class Searcher:
     ) -> list[SearchHit]:
         """Hits for one query (see :func:`resolve_query`), re-ranked by the chain ``rerank``."""
         chain = parse_chain(rerank)
-        vector, own = resolve_query(self.images, self.describer, query, bbox)
-        return self._search(vector[None], np.array([-1 if own is None else own]), k, chain)[0]
+        vector, own, image = resolve_query(self.images, self.describer, query, bbox)
+        own_ids = np.array([-1 if own is None else own])
+        return self._search(vector[None], own_ids, k, chain, [image] if image is not None else [])[0]
 
     def search_vectors(
-        self, raw: np.ndarray, k: int = 30, rerank: str | Chain = NONE
+        self,
+        raw: np.ndarray,
+        k: int = 30,
+        rerank: str | Chain = NONE,
+        pixels: Sequence[Image.Image | None] = (),
     ) -> list[list[SearchHit]]:
         """Top-``k`` hits for each raw descriptor row of ``raw`` (Q, D), re-ranked by the chain ``rerank``
         (such as ``"dba,aqe"``; see :mod:`lookalike.rerank`). A descriptor has no identity: an indexed copy
-        of it is a neighbour like any other."""
-        return self._search(np.atleast_2d(raw), None, k, parse_chain(rerank))
+        of it is a neighbour like any other. ``pixels``: the image each row describes, where known
+        (spatial verification needs it)."""
+        return self._search(np.atleast_2d(raw), None, k, parse_chain(rerank), pixels)
 
     def search_files(
         self, paths: Sequence[str | Path], k: int = 30, rerank: str | Chain = NONE
@@ -220,21 +240,41 @@ class Searcher:
         described = list(self.describer.describe_files(paths))
         vectors = [r.vector for r in described if r.vector is not None]
         own = np.array([indexed_id(self.images, Path(r.path)) for r in described if r.vector is not None])
-        hits = iter(self._search(np.stack(vectors), own.astype(np.int64), k, chain) if vectors else [])
+        pixels = [self._pixels(Path(r.path), chain) for r in described if r.vector is not None]
+        found = self._search(np.stack(vectors), own.astype(np.int64), k, chain, pixels) if vectors else []
+        hits = iter(found)
         return [
             FileHits(r.path, next(hits)) if r.vector is not None
             else FileHits(r.path, [], r.error.reason if r.error else "unreadable")
             for r in described
         ]  # fmt: skip
 
-    def _search(self, raw: np.ndarray, own: np.ndarray | None, k: int, chain: Chain) -> list[list[SearchHit]]:
+    def _pixels(self, path: Path, chain: Chain) -> Image.Image | None:
+        """The image of a query file, read again only when a stage of ``chain`` matches pixels."""
+        if not chain.needs_pixels or indexed_id(self.images, path) >= 0:
+            return None
+        try:
+            return load_image(path)
+        except ImageError:
+            return None
+
+    def _search(
+        self,
+        raw: np.ndarray,
+        own: np.ndarray | None,
+        k: int,
+        chain: Chain,
+        pixels: Sequence[Image.Image | None] = (),
+    ) -> list[list[SearchHit]]:
         """Hits per raw descriptor row; ``own`` holds each row's image id when it is an indexed image (−1
-        when not), which re-ranking never counts among that query's neighbours."""
+        when not), which re-ranking never counts among that query's neighbours; ``pixels`` each row's
+        image where known."""
         if k < 1:
             raise CollectionError("k must be at least 1")
         if self.index.ntotal == 0:
             return [[] for _ in range(len(raw))]
-        ranking = chain.search(IndexedVectors(self.images, self.index), self.images.prepare(raw), k, own)
+        database = IndexedVectors(self.images, self.index)
+        ranking = chain.search(database, self.images.prepare(raw), k, own, pixels)
         records = self.images.records([int(i) for i in np.unique(ranking.ids) if i >= 0])
         results = []
         for row_scores, row_ids in zip(ranking.scores, ranking.ids, strict=True):

@@ -51,6 +51,16 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE images ADD COLUMN checksum INTEGER",
     # The index type is recorded (collections made before it have the exact flat index).
     """INSERT OR IGNORE INTO settings(key, value) VALUES ('index', '{"type": "flat", "params": {}}')""",
+    # Local features (spatial verification) per content and describer identity, in their compact form
+    # (lookalike.local.features); they go with their content.
+    """
+    CREATE TABLE local_features (
+        sha256 TEXT NOT NULL REFERENCES contents(sha256) ON DELETE CASCADE,
+        identity TEXT NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (sha256, identity)
+    ) WITHOUT ROWID;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -356,3 +366,35 @@ def dangling_references(connection: sqlite3.Connection) -> int:
 def all_contents(connection: sqlite3.Connection) -> list[tuple[int, str, int | None]]:
     """(row, sha256, crc32) of every content."""
     return connection.execute("SELECT row, sha256, crc32 FROM contents").fetchall()
+
+
+def local_features_of(connection: sqlite3.Connection, sha256s: list[str], identity: str) -> dict[str, bytes]:
+    """The stored local features of these contents made by ``identity`` (absent ones are left out)."""
+    found: dict[str, bytes] = {}
+    for start in range(0, len(sha256s), 500):
+        chunk = sha256s[start : start + 500]
+        marks = ", ".join("?" * len(chunk))
+        found.update(
+            connection.execute(
+                f"SELECT sha256, data FROM local_features WHERE identity = ? AND sha256 IN ({marks})",
+                (identity, *chunk),
+            ).fetchall()
+        )
+    return found
+
+
+def add_local_features(connection: sqlite3.Connection, identity: str, items: dict[str, bytes]) -> None:
+    """Store local features of contents that exist (a content removed meanwhile is skipped)."""
+    connection.executemany(
+        "INSERT OR REPLACE INTO local_features(sha256, identity, data) "
+        "SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM contents WHERE sha256 = ?)",
+        [(sha, identity, data, sha) for sha, data in items.items()],
+    )
+
+
+def local_feature_counts(connection: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+    """Per describer identity: how many contents have stored local features, and their bytes."""
+    rows = connection.execute(
+        "SELECT identity, COUNT(*), COALESCE(SUM(LENGTH(data)), 0) FROM local_features GROUP BY identity"
+    )
+    return {identity: (int(count), int(size)) for identity, count, size in rows}

@@ -28,6 +28,8 @@ from lookalike.collection.vectors import VectorFile, row_checksums
 from lookalike.errors import CollectionError, ImageError
 from lookalike.extract import Describer
 from lookalike.images import sha256_of_file as sha256_file
+from lookalike.local.cache import describe_file
+from lookalike.local.features import LocalDescriber
 from lookalike.walk import walk_images
 
 log = logging.getLogger(__name__)
@@ -130,20 +132,28 @@ class _Outcome:
     row: int | None = None
     size: tuple[int, int] | None = None
     new_content: bool = False
+    local: bytes | None = None  # the content's local features, stored form, when the collection keeps them
 
 
 class Syncer:
     """Records files in ``db`` and their descriptors in ``vectors``, described by ``describer`` and named by
     ``names``. The row hashes (see :mod:`~lookalike.collection.recovery`) and the database sit beside
-    ``vectors``. The caller holds the collection's write lock for each run."""
+    ``vectors``. ``local``, when given, also computes each new content's local features, committed in the
+    same transaction as its descriptor. The caller holds the collection's write lock for each run."""
 
     def __init__(
-        self, db: sqlite3.Connection, vectors: VectorFile, describer: Describer, names: Names
+        self,
+        db: sqlite3.Connection,
+        vectors: VectorFile,
+        describer: Describer,
+        names: Names,
+        local: LocalDescriber | None = None,
     ) -> None:
         self.db = db
         self.vectors = vectors
         self.describer = describer
         self.names = names
+        self.local = local
         self.hashes = RowHashes(vectors.path.with_name(ROW_HASHES))
         self.database = vectors.path.with_name(DATABASE)
         self._rows = 0
@@ -239,13 +249,22 @@ class Syncer:
                 outcomes.append(_Outcome(state, "failed", error=state.error or failures[sha]))
             elif sha in rows:
                 new = first_of.get(sha) is state
-                outcomes.append(_Outcome(state, "ok", row=rows[sha], size=sizes[sha], new_content=new))
+                local = self._local_features(state) if new else None
+                outcomes.append(
+                    _Outcome(state, "ok", row=rows[sha], size=sizes[sha], new_content=new, local=local)
+                )
             else:
                 row = store.content_row(self.db, sha)
                 size = store.content_size(self.db, row) if row is not None else None
                 outcomes.append(_Outcome(state, "ok", row=row, size=size))
         matrix = np.stack(vectors) if vectors else np.zeros((0, self.vectors.dim), np.float32)
         return outcomes, matrix
+
+    def _local_features(self, state: FileState) -> bytes | None:
+        if self.local is None:
+            return None
+        features = describe_file(state.path, self.local)
+        return None if features is None else features.to_bytes()
 
     def _commit(self, outcomes: list[_Outcome], vectors: np.ndarray, delete: list[int] | None = None) -> None:
         """Descriptors first (written and fsynced), then one transaction that records what refers to them."""
@@ -267,6 +286,10 @@ class Syncer:
                 if outcome.new_content and outcome.row is not None:
                     crc = checksums[outcome.row - start_row]
                     store.add_content(self.db, outcome.row, outcome.state.sha256 or "", crc)
+                    if outcome.local is not None and self.local is not None:
+                        store.add_local_features(
+                            self.db, self.local.identity, {outcome.state.sha256 or "": outcome.local}
+                        )
                 next_id = store.record_image(self.db, _image_record(outcome), next_id)
             store.delete_orphan_contents(self.db)
             store.write_settings(self.db, {"vector_rows": start_row + len(vectors)})

@@ -27,9 +27,16 @@ identity: if the same picture is also indexed, that copy is a neighbour like any
 
 from __future__ import annotations
 
-from lookalike.rerank.base import ArrayDatabase, Database, Ranking, Reranker, exact_search
+from lookalike.rerank.base import (
+    ArrayDatabase,
+    Database,
+    LocalFeatureSource,
+    Ranking,
+    Reranker,
+    exact_search,
+)
 
-# Importing expansion registers the built-in stages, aqe and dba.
+# Importing the stage modules registers the built-in stages: aqe, dba, sv.
 from lookalike.rerank.expansion import (
     DEFAULT_ALPHA,
     DEFAULT_N,
@@ -50,27 +57,51 @@ from lookalike.rerank.registry import (
     reranker_names,
     reranker_spec,
 )
+from lookalike.rerank.spatial import SpatialVerification, verified_scores, verify_pair
+
+# isort: split
+# diffusion registers after the stages above, so that the registry lists it last.
+from lookalike.rerank.diffusion import (
+    AffinityGraph,
+    Diffusion,
+    GraphSource,
+    affinity_graph,
+    conjugate_gradient,
+    diffuse,
+    knn_graph,
+)
 
 __all__ = [
     "DEFAULT_ALPHA",
     "DEFAULT_N",
     "MAX_STAGES",
     "NONE",
+    "AffinityGraph",
     "AlphaQueryExpansion",
     "ArrayDatabase",
     "Chain",
     "Database",
     "DatabaseSideAugmentation",
+    "Diffusion",
+    "GraphSource",
+    "LocalFeatureSource",
     "Ranking",
     "Reranker",
     "RerankerSpec",
+    "SpatialVerification",
+    "affinity_graph",
     "alpha_query_expansion",
+    "conjugate_gradient",
     "database_side_augmentation",
+    "diffuse",
     "exact_search",
     "expand_with",
+    "knn_graph",
     "parse_chain",
     "register",
     "registry_help",
     "reranker_names",
     "reranker_spec",
+    "verified_scores",
+    "verify_pair",
 ]

@@ -6,12 +6,18 @@ best first, and ``ids`` (Q, K) int64 database ids, ``-1`` where the database has
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
 from lookalike.errors import ConfigError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from lookalike.local.features import LocalDescriber, LocalFeatures
 
 _CHUNK = 1024  # query rows per similarity block: bounds memory at _CHUNK × N floats
 
@@ -40,6 +46,14 @@ class Database(Protocol):
         ...
 
 
+@runtime_checkable
+class LocalFeatureSource(Protocol):
+    """What spatial verification asks of the database: the local features of entries, stored or computed
+    now by ``describer`` (None for an entry whose image cannot be read)."""
+
+    def local_features(self, ids: Sequence[int], describer: LocalDescriber) -> list[LocalFeatures | None]: ...
+
+
 class Reranker(Protocol):
     """One stage of a chain: takes a ranking, returns a better one. Stages are frozen dataclasses whose
     fields are their options (see :func:`lookalike.rerank.register`)."""
@@ -57,7 +71,9 @@ class Ranking:
 
     ``queries`` are the query vectors as the stages so far left them (αQE replaces them by their
     expansion); ``own`` is each query's own database id (``-1``: the query is not in the database), which
-    no stage may count as a neighbour of that query.
+    no stage may count as a neighbour of that query. ``pixels`` holds each query's image when there is
+    one (spatial verification needs it; empty when no query has one), and ``local`` the source of the
+    database's local features — the first database's, kept when a stage hands on a transformed one.
     """
 
     queries: np.ndarray
@@ -65,6 +81,8 @@ class Ranking:
     ids: np.ndarray
     database: Database
     own: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    pixels: Sequence[Image.Image | None] = ()
+    local: LocalFeatureSource | None = None
 
     def __post_init__(self) -> None:
         if self.own.size == 0 and len(self.queries):
@@ -73,6 +91,10 @@ class Ranking:
             raise ConfigError("a ranking needs one shortlist row and one own id per query")
         if self.scores.shape != self.ids.shape:
             raise ConfigError(f"shortlist scores {self.scores.shape} and ids {self.ids.shape} differ")
+        if self.pixels and len(self.pixels) != len(self.queries):
+            raise ConfigError(f"{len(self.queries)} queries need as many images, got {len(self.pixels)}")
+        if self.local is None and isinstance(self.database, LocalFeatureSource):
+            object.__setattr__(self, "local", self.database)
 
     @property
     def depth(self) -> int:

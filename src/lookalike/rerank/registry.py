@@ -19,14 +19,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar, get_type_hints
+from typing import TYPE_CHECKING, Any, Final, TypeVar, get_type_hints
 
 import numpy as np
 
 from lookalike.errors import ConfigError
 from lookalike.rerank.base import Database, Ranking, Reranker, as_matrix
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 NONE: Final = "none"
 MAX_STAGES: Final = 8
@@ -125,17 +128,29 @@ class Chain:
     def depth(self, k: int) -> int:
         return max([k, *(stage.depth(k) for stage in self.stages)])
 
+    @property
+    def needs_pixels(self) -> bool:
+        """Whether a stage matches the query's pixels (spatial verification): a caller that has only
+        a file name reads the image for it."""
+        return any(getattr(stage, "needs_pixels", False) for stage in self.stages)
+
     def rerank(self, ranking: Ranking) -> Ranking:
         for stage in self.stages:
             ranking = stage.rerank(ranking)
         return ranking
 
     def search(
-        self, database: Database, queries: np.ndarray, k: int, own: np.ndarray | None = None
+        self,
+        database: Database,
+        queries: np.ndarray,
+        k: int,
+        own: np.ndarray | None = None,
+        pixels: Sequence[Image.Image | None] = (),
     ) -> Ranking:
         """The top ``k`` of ``queries`` (Q, D) in ``database`` after every stage: a first search as deep
         as the stages need, the stages in order, then the best ``k``. ``own``: each query's database id,
-        ``-1`` (or None for all) when it is not in the database."""
+        ``-1`` (or None for all) when it is not in the database; ``pixels``: each query's image, where
+        there is one (spatial verification matches it)."""
         if k < 1:
             raise ConfigError(f"k must be at least 1, got {k}")
         queries = as_matrix(queries, "queries")
@@ -143,7 +158,7 @@ class Chain:
         if own.shape != (len(queries),):
             raise ConfigError(f"need one own id per query ({len(queries)}), got shape {own.shape}")
         scores, ids = database.search(queries, self.depth(k))
-        return self.rerank(Ranking(queries, scores, ids, database, own)).top(k)
+        return self.rerank(Ranking(queries, scores, ids, database, own, tuple(pixels))).top(k)
 
 
 def parse_chain(text: str | Chain | None) -> Chain:
