@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
-MODELS=${LOOKALIKE_MODELS:-"resnet50.keras-imagenet efficientnet-lite0.imagenet"}
+MODELS=${LOOKALIKE_MODELS:-"resnet50.keras-imagenet efficientnet-lite0.imagenet xfeat.verlab"}
 
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv

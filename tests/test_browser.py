@@ -148,6 +148,26 @@ def test_upload_see_results_then_search_with_a_result(browser_page, base_url: st
     assert not problems
 
 
+def test_the_page_reranks_with_the_chain_typed(browser_page, base_url: str, tmp_path: Path) -> None:
+    """The page's re-ranking field takes the API's chain: a rotated, cropped copy searched with `sv` comes
+    back first, verified; changing the chain searches again; a chain that is not one says why."""
+    page, _, problems = browser_page
+    page.goto(base_url)
+    page.wait_for_function("document.getElementById('collection').textContent.includes('10 images')")
+    with Image.open(UKBENCH / "ukbench00004.jpg") as original:
+        original.rotate(12).crop((60, 40, 560, 420)).save(tmp_path / "copy.jpg", quality=85)
+    page.fill("#rerank", "sv:features=sift,top=10")
+    page.set_input_files("#file", str(tmp_path / "copy.jpg"))
+    page.wait_for_function("document.querySelectorAll('#results .tile').length >= 10")
+    page.wait_for_function("document.getElementById('progress').hidden")
+    assert result_names(page)[0] == "ukbench00004.jpg"
+    page.fill("#rerank", "magic")
+    page.locator("#rerank").dispatch_event("change")
+    page.locator("#error").wait_for(state="visible")
+    assert "unknown re-ranker 'magic'" in page.locator("#error").inner_text()
+    assert problems and all("422" in problem for problem in problems)  # the refused search, logged
+
+
 DELIVER = """async ([how, url, name]) => {
     const blob = await (await fetch(url)).blob();
     const data = new DataTransfer();

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import ImageOps
+from PIL import Image, ImageOps
 
 from lookalike.collection import Collection
 from tests.conftest import json_lines, require_weights, succeeded
@@ -282,3 +282,29 @@ def test_learned_whitening_from_a_labelled_folder(ran: Ran, cat_id: int) -> None
     hits = hits_of(search)
     assert hits[0]["id"] == cat_id and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
     assert hits[1]["path"] == "cat-crop-flip.jpg"
+
+
+def test_index_keeps_local_features_and_search_verifies_with_them(photos: Path, tmp_path: Path) -> None:
+    """`index --local-features sift` stores features for every content (counted by `info`), and
+    `search --rerank sv` puts the photo a rotated, cropped copy was made of first, its score raised by the
+    inliers; a later `index --local-features none` stops computing them for new photos."""
+    folder = tmp_path / "photos"
+    shutil.copytree(photos, folder, ignore=shutil.ignore_patterns(".lookalike", "broken.jpg"))
+    target = tmp_path / "collection"
+    indexed = run("index", str(folder), "-c", str(target), *SETTINGS, "--local-features", "sift", "--json")
+    contents = json_lines(succeeded(indexed).stdout)[0]["indexed"]
+    info = json_lines(succeeded(run("info", "-c", str(target), "--json")).stdout)[0]
+    [(identity, stored)] = info["local_features"].items()
+    assert identity.startswith("sift") and stored["images"] == contents and stored["bytes"] > 1000
+    with Image.open(folder / "motorcycle-left.jpg") as original:
+        original.rotate(10).crop((30, 20, original.width - 40, original.height - 30)).save(tmp_path / "q.jpg")
+    found = run(
+        "search", str(tmp_path / "q.jpg"), "-c", str(target), "-k", "3", "--rerank", "sv:features=sift"
+    )
+    hits = json_lines(succeeded(found).stdout)
+    assert hits[0]["path"] == "motorcycle-left.jpg" and hits[0]["score"] > 1.0
+    bad = run("index", str(folder), "-c", str(target), "--local-features", "surf")
+    assert bad.returncode == 1 and "features are one of xfeat, sift" in bad.stderr
+    succeeded(run("index", str(folder), "-c", str(target), "--local-features", "none", "--json"))
+    with Collection.open(target, readonly=True) as opened:
+        assert opened.local_settings is None

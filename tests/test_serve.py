@@ -181,6 +181,29 @@ def test_search_with_a_chain_of_rerankers(
         (3, "rerank must be a chain"),
     ],
 )
+def test_spatial_verification_reranks_an_upload_and_an_indexed_image(
+    client: TestClient, photos: Path, ids: dict[str, int]
+) -> None:
+    """`sv` in the API's chain: the uploaded pixels are matched (a rotated, cropped copy of an indexed photo
+    comes back first, verified: its score gains the inlier bonus), and an indexed image searched by id is
+    matched with its own local features."""
+    with Image.open(photos / "ukbench00004.jpg") as original:
+        edited = original.rotate(12, expand=False).crop((60, 40, 560, 420)).resize((400, 304))
+    data = io.BytesIO()
+    edited.save(data, "JPEG", quality=80)
+    plain = upload(client, data.getvalue(), "copy.jpg", k="5").json()
+    verified = upload(client, data.getvalue(), "copy.jpg", k="5", rerank="sv:features=sift,top=10").json()
+    assert verified["rerank"] == "sv:top=10,features=sift"
+    assert verified["results"][0]["name"] == "ukbench00004.jpg"
+    assert verified["results"][0]["score"] > 1.0 > plain["results"][0]["score"]
+    by_id = client.post(
+        "/api/search", json={"id": ids["ukbench00004.jpg"], "k": 3, "rerank": "sv:features=sift,top=5"}
+    )
+    assert by_id.status_code == 200
+    assert by_id.json()["results"][0]["name"] != "ukbench00004.jpg"  # never its own neighbour …
+    assert by_id.json()["results"][0]["score"] > 1.0  # … but its group's photos are verified
+
+
 def test_a_bad_chain_is_422(client: TestClient, ids: dict[str, int], rerank: object, detail: str) -> None:
     body = assert_error(client.post("/api/search", json={"id": ids["cat.jpg"], "rerank": rerank}), 422)
     assert body["error"] == "invalid parameter" and detail in body["detail"]

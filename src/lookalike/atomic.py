@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -73,6 +74,21 @@ def exclusive_lock(path: str | Path, busy: Exception) -> Iterator[int]:
         yield handle
     finally:
         os.close(handle)
+
+
+def file_stamp(path: str | Path) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced or rewritten: inode, mtime and size (None: no file)."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's content."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> None:

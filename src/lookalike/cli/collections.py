@@ -14,10 +14,11 @@ from lookalike.cli.describe import parse_scales
 from lookalike.collection import Collection, SyncProgress, SyncReport
 from lookalike.collection.export import export_collection
 from lookalike.collection.fitting import fit_collection_pca_choice, fit_learned_from_folder
+from lookalike.collection.local import LocalFeatureSettings
 from lookalike.collection.sync import DEFAULT_COMMIT_EVERY
 from lookalike.errors import ConfigError
 from lookalike.extract import DescriptorSettings
-from lookalike.rerank import parse_chain, registry_help
+from lookalike.rerank import DEFAULT_ALPHA, DEFAULT_N, parse_chain, registry_help
 from lookalike.walk import walk_images
 
 DEFAULT_COLLECTION = ".lookalike"
@@ -102,6 +103,25 @@ def index(
     commit_every: int = typer.Option(
         DEFAULT_COMMIT_EVERY, "--commit-every", help="Images per durable commit."
     ),
+    local_features: str = typer.Option(
+        None,
+        "--local-features",
+        help="Also keep local features of every image for spatial verification (`--rerank sv`): xfeat, "
+        "sift or none (default: what the collection keeps; none at first). Without them sv computes "
+        "a candidate's features when it first needs them.",
+    ),
+    dba: str = typer.Option(
+        None,
+        "--dba",
+        help="Apply DBA at index time and keep it current (`--rerank dba` then reads it): n=2,alpha=3 "
+        "(either may be left out), or none to stop. Default: what the collection keeps.",
+    ),
+    neighbours: str = typer.Option(
+        None,
+        "--neighbours",
+        help="Keep the kNN graph that `--rerank diffusion` reads, K neighbours per image (e.g. 50), or "
+        "none. Default: what the collection keeps (DBA keeps one too).",
+    ),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ) -> None:
@@ -116,7 +136,16 @@ def index(
         settings = requested_settings(model, pooling, scales, imsize, precision)
         path = collection or folder / DEFAULT_COLLECTION
         with Collection.open_or_create(path, settings, root=folder, rebuild=rebuild) as opened:
+            if local_features is not None:
+                wanted = None if local_features == "none" else LocalFeatureSettings(local_features)
+                opened.set_local_settings(wanted)
             report = _sync_with_progress(opened, folder, commit_every, wants_progress(quiet, as_json))
+            if dba is not None:
+                opened.set_augmentation(*parse_dba(dba))
+            if neighbours is not None:
+                opened.keep_neighbours(
+                    None if neighbours == "none" else parse_count(neighbours, "--neighbours")
+                )
             if whiten == "pca":
                 fitted, choice = fit_collection_pca_choice(opened)
                 opened.set_whitening(fitted)
@@ -128,6 +157,29 @@ def index(
                 print_json(summary_record(report, opened))
             elif not quiet:
                 show_summary(report, opened)
+
+
+def parse_dba(text: str) -> tuple[int | None, float]:
+    """``n=2,alpha=3`` (either optional) → (n, alpha); ``none`` → (None, α default)."""
+    if text.strip().lower() == "none":
+        return None, DEFAULT_ALPHA
+    values: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, equals, value = part.partition("=")
+        if not equals or key.strip() not in ("n", "alpha"):
+            raise ConfigError(f"--dba takes n=N,alpha=A (or none), got {text!r}")
+        values[key.strip()] = value.strip()
+    try:
+        return int(values.get("n", DEFAULT_N)), float(values.get("alpha", DEFAULT_ALPHA))
+    except ValueError:
+        raise ConfigError(f"--dba takes n=N,alpha=A with N an integer, got {text!r}") from None
+
+
+def parse_count(text: str, option: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{option} takes a number of neighbours or none, got {text!r}") from None
 
 
 def _sync_with_progress(collection: Collection, folder: Path, commit_every: int, show: bool) -> SyncReport:
@@ -175,7 +227,8 @@ def search(
         "none",
         "--rerank",
         help="Re-rankers applied left to right, comma-separated, options after a colon: none, aqe, "
-        f"dba,aqe or aqe:n=5,alpha=1 (an indexed query is never its own neighbour). {registry_help()}",
+        "dba,aqe, aqe:n=5,alpha=1 or sv:top=100 (an indexed query is never its own neighbour). "
+        f"{registry_help()}",
     ),
     as_json: bool = JSON,
 ) -> None:

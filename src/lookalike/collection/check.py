@@ -33,6 +33,7 @@ from lookalike.collection import ann, recovery, store
 from lookalike.collection.collection import Collection
 from lookalike.collection.layout import (
     DATABASE,
+    DERIVED,
     INDEX,
     INDEX_META,
     ROW_HASHES,
@@ -141,6 +142,7 @@ def _check_parts(collection: Collection, report: CheckReport, repair: bool) -> N
     _check_files(collection, report)
     if repair:
         collection.index()  # fresh for the current generation, saved
+        collection.neighbours.upkeep()  # and the kNN table and DBA, when the collection keeps them
 
 
 # -- descriptors -----------------------------------------------------------------------------------------
@@ -379,7 +381,7 @@ def rebuild_database(path: Path) -> str:
     if mirrored is None or not mirrored.get("root"):
         raise CollectionError(f"{path}/{SETTINGS_MIRROR} is missing or unreadable: nothing to rebuild from")
     aside = _move_aside(path, DATABASE)
-    for derived in (INDEX, INDEX_META):
+    for derived in DERIVED:
         (path / derived).unlink(missing_ok=True)
     vectors = VectorFile(path / VECTORS, int(mirrored["dim"]))
     hashes = recovery.RowHashes(path / ROW_HASHES).read()[: vectors.row_count()]

@@ -11,61 +11,34 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from lookalike.atomic import replace
+from lookalike.atomic import file_sha256, file_stamp, replace
 from lookalike.collection import ann, recovery, store
+from lookalike.collection.info import IDENTITY_KEYS, CollectionInfo, mismatch_message
 from lookalike.collection.layout import DATABASE, INDEX, INDEX_META, REBUILT, VECTORS, WHITENING, write_lock
 from lookalike.collection.local import SETTING as LOCAL_SETTING
 from lookalike.collection.local import LocalFeatureSettings, StoredLocalFeatures
+from lookalike.collection.neighbours import StoredNeighbours, augmentation_setting, neighbours_setting
 from lookalike.collection.query import BBox, FileHits, LazyDescriber, Query, Searcher, SearchHit
 from lookalike.collection.sync import DEFAULT_COMMIT_EVERY, ProgressCallback, Syncer, SyncReport
 from lookalike.collection.vectors import VectorFile, row_checksums
 from lookalike.errors import CollectionError, DamagedCollectionError, SettingsMismatchError
 from lookalike.extract import Describer, DescriptorSettings, Extractor, resolve_descriptor
 from lookalike.local.features import LocalDescriber, LocalFeatures
-from lookalike.rerank import Chain
+from lookalike.rerank import DEFAULT_ALPHA, Chain
+from lookalike.rerank.diffusion import DEFAULT_K
 from lookalike.walk import canonical_path
 from lookalike.whitening import Whitening, load_whitening, save_whitening
 
 __all__ = ["INDEX", "INDEX_META", "VECTORS", "BBox", "Collection", "CollectionInfo", "SearchHit"]
 
 log = logging.getLogger(__name__)
-
-IDENTITY_KEYS = ("model", "weights_sha256", "pooling", "gem_p", "imsize", "scales", "dim")
-
-
-@dataclass(frozen=True)
-class CollectionInfo:
-    path: str
-    root: str | None
-    schema_version: int
-    settings: dict[str, Any]
-    images: int
-    failed: int
-    distinct_contents: int
-    whitening: str | None
-    disk_bytes: int
-    # per describer identity: {"images": how many contents have them stored, "bytes": their size}
-    local_features: dict[str, dict[str, int]] | None = None
-
-
-def mismatch_message(stored: dict[str, Any], wanted: dict[str, Any]) -> str:
-    differences = [
-        f"{key}: {stored.get(key)!r} ≠ {wanted.get(key)!r}"
-        for key in IDENTITY_KEYS
-        if stored.get(key) != wanted.get(key)
-    ]
-    return (
-        "this collection holds descriptors made with other settings ("
-        + "; ".join(differences)
-        + "). Descriptors of different settings are never mixed: re-index with --rebuild to start over "
-        "with the new settings, or omit the options to keep the collection's own."
-    )
 
 
 class Collection:
@@ -96,6 +69,7 @@ class Collection:
         self._whitening_stamp: tuple[int, int, int] | None = None
         self._lock_handle: int | None = None
         self._local: StoredLocalFeatures | None = None
+        self.neighbours = StoredNeighbours(self.db, self.path, self)
 
     def _open_database(self, readonly: bool) -> dict[str, Any]:
         if not readonly:
@@ -314,6 +288,7 @@ class Collection:
             with self._storage(), store.transaction(self.db):
                 store.delete_images(self.db, ids)
                 self._bump_generation()
+            self.neighbours.upkeep()
         return len(ids)
 
     def _bump_generation(self) -> None:
@@ -374,7 +349,7 @@ class Collection:
         kind = self._settings.get("whitening")
         if kind is None:
             return None
-        stamp = _file_stamp(self.path / WHITENING)
+        stamp = file_stamp(self.path / WHITENING)
         if self._whitening is None or self._whitening_stamp != stamp:
             self._whitening = load_whitening(self.path / WHITENING)
             self._whitening_stamp = stamp
@@ -390,13 +365,16 @@ class Collection:
                     )
                 save_whitening(whitening, self.path / WHITENING)
             self._whitening = whitening
-            self._whitening_stamp = _file_stamp(self.path / WHITENING) if whitening is not None else None
+            self._whitening_stamp = file_stamp(self.path / WHITENING) if whitening is not None else None
+            kind, digest = (whitening.kind, file_sha256(self.path / WHITENING)) if whitening else (None, None)
+            recorded: dict[str, Any] = {"whitening": kind, "whitening_sha256": digest}  # see .neighbours
             with self._storage(), store.transaction(self.db):
-                store.write_settings(self.db, {"whitening": whitening.kind if whitening else None})
+                store.write_settings(self.db, recorded)
                 self._bump_generation()
-            self._settings["whitening"] = whitening.kind if whitening else None
+            self._settings.update(recorded)
             recovery.write_mirror(self.path, self._settings)
             self._index = None
+            self.neighbours.upkeep()
 
     def prepare(self, raw: np.ndarray) -> np.ndarray:
         """Raw descriptors → what the index holds (whitened when the collection has whitening)."""
@@ -439,6 +417,7 @@ class Collection:
         """A new index of every indexed image's (whitened) descriptor."""
         ids, raw = self.raw_vectors()
         xb = self.prepare(raw) if len(raw) else raw.reshape(0, self.index_dim())
+        self.neighbours.offer(int(self._settings.get("generation", 0)), ids, xb)
         return ann.build_index(xb, ids, self.index_spec)
 
     def save_index(self, index: ann.VectorIndex) -> None:
@@ -517,8 +496,32 @@ class Collection:
             finally:
                 self.refresh_settings()
             self.index()
+            self.neighbours.upkeep()
         report.seconds = time.perf_counter() - started
         return report
+
+    # -- the kNN table and DBA (diffusion, dba; see .neighbours) --------------------------------------------
+
+    def set_augmentation(self, n: int | None, alpha: float = DEFAULT_ALPHA) -> None:
+        """Apply DBA at index time: made now, kept current at every change and read by ``dba`` searches
+        with these options (``n`` None: stop; searches then make it on first use)."""
+        with self.writing():
+            self._write_settings(augmentation_setting(n, alpha))
+            self.neighbours.upkeep()
+
+    def keep_neighbours(self, k: int | None = DEFAULT_K) -> None:
+        """Keep the kNN table (``k`` neighbours per image) current at every change (None: stop)."""
+        with self.writing():
+            self._write_settings(neighbours_setting(k))
+            self.neighbours.upkeep()
+
+    def knn_table(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Image ids, and each one's ``k`` nearest other images and similarities (``GraphSource``)."""
+        return self.neighbours.table(k).graph(k)
+
+    def augmented(self, n: int, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+        """Image ids and the DBA of their indexed vectors."""
+        return self.neighbours.augmented(n, alpha)
 
     # -- local features (spatial verification) ---------------------------------------------------------
 
@@ -557,16 +560,12 @@ class Collection:
         return self.searcher().search_files(paths, k, rerank)
 
     def search_vectors(
-        self, raw: np.ndarray, k: int = 30, rerank: str | Chain = "none"
+        self,
+        raw: np.ndarray,
+        k: int = 30,
+        rerank: str | Chain = "none",
+        pixels: Sequence[Image.Image | None] = (),
     ) -> list[list[SearchHit]]:
-        """Hits for each raw descriptor row of ``raw`` (Q, D)."""
-        return self.searcher().search_vectors(raw, k, rerank)
-
-
-def _file_stamp(path: Path) -> tuple[int, int, int] | None:
-    """What changes when a file is replaced or rewritten: inode, mtime and size (None: no file)."""
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return None
-    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        """Hits for each raw descriptor row of ``raw`` (Q, D); ``pixels`` the image of each row, where
+        known (spatial verification matches it)."""
+        return self.searcher().search_vectors(raw, k, rerank, pixels)

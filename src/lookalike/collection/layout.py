@@ -7,6 +7,8 @@ Layout of a collection directory::
     index.faiss         the vector index of the (whitened) descriptors, ids = image ids; rebuilt when stale
     index.json          the database generation and whitening the index was built from, and its checksum
     whitening.npz       optional whitening applied on top of the raw descriptors
+    neighbours.npz      each indexed image's K nearest others (see neighbours.py); updated or rebuilt when stale
+    dba.npz             the indexed vectors after database-side augmentation, made from neighbours.npz
     settings.json       the identity settings, mirrored for rebuilding a lost database (see recovery.py)
     rows.sha256         the content hash of each descriptor row (see recovery.py)
     write.lock          held (flock) by the one process that writes
@@ -29,7 +31,9 @@ DATABASE, VECTORS, INDEX, INDEX_META, WHITENING, LOCK = (
     "write.lock",
 )
 SETTINGS_MIRROR, ROW_HASHES = "settings.json", "rows.sha256"
-REBUILT = (DATABASE, f"{DATABASE}-wal", f"{DATABASE}-shm", VECTORS, INDEX, INDEX_META, WHITENING)  # --rebuild
+NEIGHBOURS, AUGMENTED = "neighbours.npz", "dba.npz"
+DERIVED = (INDEX, INDEX_META, NEIGHBOURS, AUGMENTED)  # made from the rest; rebuilt when missing or stale
+REBUILT = (DATABASE, f"{DATABASE}-wal", f"{DATABASE}-shm", VECTORS, WHITENING, *DERIVED)  # --rebuild
 
 
 def write_lock(path: Path) -> AbstractContextManager[int]:

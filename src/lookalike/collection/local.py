@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from lookalike.collection import store
 from lookalike.collection.store import ImageRecord
 from lookalike.errors import ConfigError
-from lookalike.local import LOCAL_FEATURES, local_describer
+from lookalike.local import AUTO, LOCAL_FEATURES, check_local_features, local_describer
 from lookalike.local.cache import MemoryCache, describe_file
 from lookalike.local.features import LocalDescriber, LocalFeatures
 
@@ -37,8 +37,10 @@ class LocalFeatureSettings:
     size: int = 640
 
     def __post_init__(self) -> None:
-        if self.features not in LOCAL_FEATURES:
+        if str(self.features).lower() == AUTO:
             raise ConfigError(f"local features are one of {', '.join(LOCAL_FEATURES)}, got {self.features!r}")
+        name = check_local_features(self.features, self.keypoints, self.size, "--local-features")
+        object.__setattr__(self, "features", name)
 
     def describer(self) -> LocalDescriber:
         return local_describer(self.features, self.keypoints, self.size)

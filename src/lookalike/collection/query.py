@@ -22,7 +22,7 @@ from lookalike.errors import CollectionError, ImageError
 from lookalike.extract import Describer, FileDescriptor, ResolvedDescriptor
 from lookalike.images import crop_bbox, load_image
 from lookalike.local.features import LocalDescriber, LocalFeatures
-from lookalike.rerank import NONE, Chain, parse_chain
+from lookalike.rerank import NONE, ArrayDatabase, Chain, Database, parse_chain
 
 Query = np.ndarray | Image.Image | int | str | Path
 BBox = tuple[float, float, float, float]
@@ -64,6 +64,15 @@ class Images(Protocol):
     def prepare(self, raw: np.ndarray) -> np.ndarray: ...
 
     def local_features(self, ids: Sequence[int], describer: LocalDescriber) -> list[LocalFeatures | None]: ...
+
+    def knn_table(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Image ids, each one's ``k`` nearest other images and their similarities, kept current
+        (:mod:`lookalike.collection.neighbours`)."""
+        ...
+
+    def augmented(self, n: int, alpha: float) -> tuple[np.ndarray, np.ndarray] | None:
+        """Image ids and the DBA of their indexed vectors, kept current (None: none kept)."""
+        ...
 
 
 class DescribedImages(Images, Protocol):
@@ -145,7 +154,8 @@ def _unchanged(images: Images, record: ImageRecord) -> bool:
 
 class IndexedVectors:
     """A collection's index as the :class:`lookalike.rerank.Database` re-rankers search: ids are image ids,
-    vectors are the indexed (whitened) descriptors."""
+    vectors are the indexed (whitened) descriptors. Its kNN graph (diffusion's ``GraphSource``) and its DBA
+    (``AugmentedSource``) are the ones the collection keeps."""
 
     def __init__(self, images: Images, index: ann.VectorIndex) -> None:
         self.images = images
@@ -175,6 +185,13 @@ class IndexedVectors:
 
     def local_features(self, ids: Sequence[int], describer: LocalDescriber) -> list[LocalFeatures | None]:
         return self.images.local_features(ids, describer)
+
+    def knn_graph(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.images.knn_table(k)
+
+    def augmented(self, n: int, alpha: float) -> Database | None:
+        found = self.images.augmented(n, alpha)
+        return None if found is None else ArrayDatabase(found[1], found[0])
 
 
 class LazyDescriber:

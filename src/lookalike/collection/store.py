@@ -259,6 +259,21 @@ def indexed_rows(connection: sqlite3.Connection) -> list[tuple[int, int]]:
         connection.execute("COMMIT")
 
 
+def indexed_keys(connection: sqlite3.Connection) -> tuple[list[tuple[int, int, int | None]], int]:
+    """(image id, vector row, that row's crc32) of every image that has a descriptor, by id, and the
+    generation they belong to, read in one transaction."""
+    connection.execute("BEGIN")
+    try:
+        rows = connection.execute(f"SELECT {CHECKED_COLUMNS} FROM images WHERE status = 'ok' ORDER BY id")
+        pairs = [(record.id, record.row) for record in map(_record, rows)]
+        crcs = dict(connection.execute("SELECT row, crc32 FROM contents"))
+        found = connection.execute("SELECT value FROM settings WHERE key = 'generation'").fetchone()
+    finally:
+        connection.execute("COMMIT")
+    generation = json.loads(found[0]) if found else 0
+    return [(i, row, crcs.get(row)) for i, row in pairs if row is not None], generation
+
+
 def content_checksums(connection: sqlite3.Connection, rows: list[int] | None = None) -> dict[int, int | None]:
     """The crc32 recorded for each content row, or for the given ones (None: written before checksums were
     recorded)."""
@@ -398,3 +413,14 @@ def local_feature_counts(connection: sqlite3.Connection) -> dict[str, tuple[int,
         "SELECT identity, COUNT(*), COALESCE(SUM(LENGTH(data)), 0) FROM local_features GROUP BY identity"
     )
     return {identity: (int(count), int(size)) for identity, count, size in rows}
+
+
+def contents_without_local_features(connection: sqlite3.Connection, identity: str) -> list[tuple]:
+    """(sha256, path, size, mtime_ns) of one image of each content that has no local features of
+    ``identity`` yet."""
+    return connection.execute(
+        "SELECT c.sha256, MIN(i.path), i.size, i.mtime_ns FROM contents c JOIN images i ON i.row = c.row "
+        "WHERE NOT EXISTS (SELECT 1 FROM local_features f WHERE f.sha256 = c.sha256 AND f.identity = ?) "
+        "GROUP BY c.sha256",
+        (identity,),
+    ).fetchall()

@@ -174,6 +174,7 @@ class Syncer:
                 self._commit([], np.zeros((0, self.vectors.dim), np.float32), delete=gone)
             todo, report.unchanged = plan(known, states)
             self._describe_and_commit(todo, report, progress, commit_every)
+            self._complete_local_features(progress, commit_every)
         return report
 
     def add(
@@ -186,7 +187,27 @@ class Syncer:
             todo, unchanged = plan(store.all_images(self.db), states)
             report = SyncReport(unchanged=unchanged)
             self._describe_and_commit(todo, report, progress, commit_every)
+            self._complete_local_features(progress, commit_every)
         return report
+
+    def _complete_local_features(self, progress: ProgressCallback | None, commit_every: int) -> None:
+        """Local features for the contents indexed before the collection was asked to keep them."""
+        if self.local is None:
+            return
+        todo = store.contents_without_local_features(self.db, self.local.identity)
+        for start in range(0, len(todo), commit_every):
+            found: dict[str, bytes] = {}
+            for done, (sha, name, size, mtime_ns) in enumerate(todo[start : start + commit_every], start + 1):
+                path = self.names.absolute_path(name)
+                state = file_state(self.names, path)
+                if (state.error, state.size, state.mtime_ns) == (None, size, mtime_ns):
+                    data = self._local_features(state)
+                    if data is not None:
+                        found[sha] = data
+                if progress is not None:
+                    progress(SyncProgress(done, len(todo), name, "local features"))
+            with store.transaction(self.db):
+                store.add_local_features(self.db, self.local.identity, found)
 
     def _under(self, name: str, root: Path) -> bool:
         try:

@@ -30,16 +30,19 @@ def local_describer(
 ) -> LocalDescriber:
     """The describer ``name`` (``xfeat``, ``sift`` or ``auto``), at most ``max_keypoints`` keypoints on an
     image bounded to ``max_size`` pixels. The same arguments give the same (shared) object."""
-    name = name.lower()
-    if name not in (*LOCAL_FEATURES, AUTO):
-        raise ConfigError(
-            f"unknown local features {name!r}; choose one of {', '.join(LOCAL_FEATURES)} or auto"
-        )
-    if not 16 <= max_keypoints <= 16384:
-        raise ConfigError(f"local features need 16 to 16384 keypoints per image, got {max_keypoints}")
-    if not 64 <= max_size <= 4096:
-        raise ConfigError(f"local features need a working size of 64 to 4096 pixels, got {max_size}")
+    name = check_local_features(name, max_keypoints, max_size)
     return _describer(name, max_keypoints, max_size)
+
+
+def check_local_features(name: str, max_keypoints: int, max_size: int, who: str = "local features") -> str:
+    """``name`` lower-cased, after checking it and the bounds (the one place they are checked)."""
+    if not isinstance(name, str) or name.lower() not in (*LOCAL_FEATURES, AUTO):
+        raise ConfigError(f"{who}: features are one of {', '.join(LOCAL_FEATURES)} or auto, got {name!r}")
+    if not 16 <= max_keypoints <= 16384:
+        raise ConfigError(f"{who}: keypoints are 16 to 16384 per image, got {max_keypoints}")
+    if not 64 <= max_size <= 4096:
+        raise ConfigError(f"{who}: the working size is 64 to 4096 pixels, got {max_size}")
+    return name.lower()
 
 
 @functools.lru_cache(maxsize=8)
@@ -75,6 +78,7 @@ __all__ = [
     "LocalFeatures",
     "SiftDescriber",
     "XFeatDescriber",
+    "check_local_features",
     "local_describer",
     "working_image",
 ]

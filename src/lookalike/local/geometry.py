@@ -3,7 +3,8 @@
 A homography (or an affine map) is fitted to matched keypoints with OpenCV's USAC MAGSAC++ (a RANSAC of
 the USAC family); the inliers are the matches it explains within a reprojection threshold. A transform that
 squashes, mirrors or blows up the image beyond ``max_scale`` is degenerate and explains nothing, as do fewer
-matches than the model needs — verification then reports 0 inliers, never an error.
+matches than the model needs and inliers that all lie on one line — verification then reports 0 inliers,
+never an error.
 """
 
 from __future__ import annotations
@@ -66,7 +67,20 @@ def fit(
         return Verification.none(matches)
     if transform is None or mask is None or not plausible(transform):
         return Verification.none(matches)
-    return Verification(int(mask.ravel().astype(bool).sum()), matches, transform)
+    inliers = mask.ravel().astype(bool)
+    if on_a_line(points_a[inliers], threshold) or on_a_line(points_b[inliers], threshold):
+        return Verification.none(matches)
+    return Verification(int(inliers.sum()), matches, transform)
+
+
+def on_a_line(points: np.ndarray, threshold: float) -> bool:
+    """Whether ``points`` (M, 2) lie within about ``threshold`` pixels of one line (or are fewer than 3):
+    such matches determine no plane-to-plane map, so an edge or a line of text verifies nothing."""
+    if len(points) < 3:
+        return True
+    centred = np.asarray(points, np.float64) - np.mean(points, axis=0)
+    spread = np.linalg.svd(centred, compute_uv=False)[-1] / np.sqrt(len(points))
+    return bool(spread < threshold)
 
 
 def reprojection_inliers(transform: np.ndarray, a: np.ndarray, b: np.ndarray, threshold: float) -> np.ndarray:

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import ImageOps
 
 from lookalike.errors import ConfigError
-from lookalike.local import AUTO, LOCAL_FEATURES, local_describer
+from lookalike.local import AUTO, check_local_features, local_describer
 from lookalike.local.features import LocalDescriber, LocalFeatures
 from lookalike.local.geometry import MODELS, Verification, fit
 from lookalike.local.matching import mutual_nearest
@@ -86,10 +86,6 @@ class SpatialVerification:
     def __post_init__(self) -> None:
         if not 1 <= self.top <= MAX_TOP:
             raise ConfigError(f"sv needs top from 1 to {MAX_TOP} candidates, got {self.top}")
-        if self.features.lower() not in (*LOCAL_FEATURES, AUTO):
-            raise ConfigError(
-                f"sv: features is one of {', '.join(LOCAL_FEATURES)} or auto, got {self.features!r}"
-            )
         if self.model not in MODELS:
             raise ConfigError(f"sv: model is one of {', '.join(MODELS)}, got {self.model!r}")
         if not 0.5 <= self.threshold <= 50:
@@ -102,7 +98,7 @@ class SpatialVerification:
             raise ConfigError(f"sv: half must be above 0, got {self.half}")
         if not -1 <= self.min_similarity < 1:
             raise ConfigError(f"sv: min_similarity is a cosine from -1 to 1, got {self.min_similarity}")
-        _check_bounds(self.keypoints, self.size)
+        check_local_features(self.features, self.keypoints, self.size, "sv")
 
     needs_pixels = True
 
@@ -171,10 +167,3 @@ class SpatialVerification:
         if len(query) == 0:
             return Verification.none()
         return verify_pair(query, candidate, self.model, self.threshold, self.min_similarity)
-
-
-def _check_bounds(keypoints: int, size: int) -> None:
-    if not 16 <= keypoints <= 16384:
-        raise ConfigError(f"sv: keypoints is 16 to 16384 per image, got {keypoints}")
-    if not 64 <= size <= 4096:
-        raise ConfigError(f"sv: size is a working size of 64 to 4096 pixels, got {size}")

@@ -15,6 +15,7 @@ from PIL import Image
 from lookalike.collection import SearchHit
 from lookalike.collection.store import ImageRecord
 from lookalike.errors import ConfigError, ImageError
+from lookalike.images import crop_bbox
 from lookalike.serve.engine import Engine
 from lookalike.serve.errors import ApiError, upload_error
 from lookalike.serve.files import OpenedFileResponse
@@ -90,9 +91,9 @@ async def search(request: Request) -> SearchResponse:
     started = time.perf_counter()
     engine = engine_of(request)
     asked = await read_search_request(request, engine.settings)
-    query, target = await _query(engine, asked)
+    query, target, image = await _query(engine, asked)
     try:
-        hits = await engine.search(target, asked.k, str(asked.rerank))
+        hits = await engine.search(target, asked.k, str(asked.rerank), image)
     except (ImageError, ConfigError) as exc:
         raise upload_error(exc) from exc
     records = await engine.records([hit.id for hit in hits])
@@ -112,7 +113,7 @@ async def recognize(request: Request) -> RecognizeResponse:
     started = time.perf_counter()
     engine = engine_of(request)
     asked = await read_search_request(request, engine.settings, with_k=False)
-    query, target = await _query(engine, asked)
+    query, target, _ = await _query(engine, asked)
     try:
         prediction = await engine.recognize(target)
     except (ImageError, ConfigError) as exc:
@@ -201,9 +202,12 @@ async def health(request: Request) -> HealthResponse:
     return HealthResponse(status="ok", indexed=await engine_of(request).indexed())
 
 
-async def _query(engine: Engine, asked: SearchRequest) -> tuple[QueryInfo, np.ndarray | int]:
+async def _query(
+    engine: Engine, asked: SearchRequest
+) -> tuple[QueryInfo, np.ndarray | int, Image.Image | None]:
     """What the query is, and what to search with: the descriptor of an upload or of a crop of an indexed
-    image, described now; the id of an indexed image searched whole (its stored descriptor is used)."""
+    image, described now, with the pixels it was made from; the id of an indexed image searched whole (its
+    stored descriptor and local features are used)."""
     bbox = list(asked.bbox) if asked.bbox else None
     kind: Literal["upload", "id"] = "upload" if asked.image_id is None else "id"
     if asked.image_id is not None:
@@ -217,7 +221,7 @@ async def _query(engine: Engine, asked: SearchRequest) -> tuple[QueryInfo, np.nd
             bbox=bbox,
         )
         if asked.bbox is None:
-            return info, record.id
+            return info, record.id, None
         image = await _indexed_image(engine, record)
     else:
         assert asked.image is not None
@@ -229,9 +233,10 @@ async def _query(engine: Engine, asked: SearchRequest) -> tuple[QueryInfo, np.nd
             kind=kind, id=None, name=asked.name, width=image.width, height=image.height, bbox=bbox
         )
     try:
-        return info, await engine.describe(image, asked.bbox)
+        vector = await engine.describe(image, asked.bbox)
     except (ImageError, ConfigError) as exc:
         raise upload_error(exc) from exc
+    return info, vector, crop_bbox(image, asked.bbox) if asked.bbox else image
 
 
 async def _indexed_image(engine: Engine, record: ImageRecord) -> Image.Image:

@@ -128,9 +128,19 @@ class Engine:
 
     # -- reading the collection (store thread) --------------------------------------------------------
 
-    async def search(self, query: np.ndarray | int, k: int, rerank: str = "none") -> list[SearchHit]:
-        """Top-``k`` hits for a raw descriptor or an indexed image id (``rerank``: none or aqe)."""
-        return await self._run(self._store, self.collection.search, query, k, None, rerank)
+    async def search(
+        self, query: np.ndarray | int, k: int, rerank: str = "none", image: Image.Image | None = None
+    ) -> list[SearchHit]:
+        """Top-``k`` hits for a raw descriptor or an indexed image id, re-ranked by the chain ``rerank``;
+        ``image`` is the picture a descriptor was made from (spatial verification matches it)."""
+        return await self._run(self._store, self._search, query, k, rerank, image)
+
+    def _search(
+        self, query: np.ndarray | int, k: int, rerank: str, image: Image.Image | None
+    ) -> list[SearchHit]:
+        if isinstance(query, np.ndarray) and image is not None:
+            return self.collection.search_vectors(query[None], k, rerank, [image])[0]
+        return self.collection.search(query, k, None, rerank)
 
     async def recognize(self, query: np.ndarray | int) -> Prediction:
         """The label of a raw descriptor or an indexed image id (409 when nothing is labelled)."""

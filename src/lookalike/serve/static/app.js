@@ -10,6 +10,9 @@ let running = null; // AbortController of the search under way
 let queryUrl = null; // object URL of the uploaded query image, revoked when replaced
 let viewed = null; // the hit shown in the viewer
 let recognition = null; // how /api/recognize votes, or null when the collection has no labels
+let again = null; // runs the last search again (when the re-ranking chain changes)
+
+const rerankChain = () => $("rerank").value.trim() || "none";
 
 async function loadInfo() {
   try {
@@ -130,23 +133,31 @@ function searchFile(file) {
   const name = file.name || "pasted image";
   showQuery(queryUrl, name);
   history.replaceState(null, "", location.pathname);
-  const form = new FormData();
-  form.append("image", file, file.name || "pasted.png");
-  const recognizeForm = new FormData();
-  recognizeForm.append("image", file, file.name || "pasted.png");
-  form.append("k", String(limits.default_k));
-  return runSearch(form, {}, recognizeForm);
+  again = () => {
+    const form = new FormData();
+    form.append("image", file, file.name || "pasted.png");
+    form.append("k", String(limits.default_k));
+    form.append("rerank", rerankChain());
+    const recognizeForm = new FormData();
+    recognizeForm.append("image", file, file.name || "pasted.png");
+    return runSearch(form, {}, recognizeForm);
+  };
+  return again();
 }
 
 async function searchId(id, name) {
   showQuery(`/api/images/${id}`, name || `image ${id}`);
   history.replaceState(null, "", `#id=${id}`);
-  const data = await runSearch(
-    JSON.stringify({ id, k: limits.default_k }),
-    { "Content-Type": "application/json" },
-    JSON.stringify({ id }),
-  );
-  if (data) $("query-name").textContent = data.query.name;
+  again = async () => {
+    const data = await runSearch(
+      JSON.stringify({ id, k: limits.default_k, rerank: rerankChain() }),
+      { "Content-Type": "application/json" },
+      JSON.stringify({ id }),
+    );
+    if (data) $("query-name").textContent = data.query.name;
+    return data;
+  };
+  return again();
 }
 
 function renderResults(data) {
@@ -238,6 +249,9 @@ function wire() {
     if (viewed) searchId(viewed.id, viewed.name);
   });
   $("viewer-close").addEventListener("click", () => $("viewer").close());
+  $("rerank").addEventListener("change", () => {
+    if (again) again();
+  });
   $("viewer").addEventListener("click", (event) => {
     if (event.target === $("viewer")) $("viewer").close(); // a click on the backdrop
   });
