@@ -35,7 +35,7 @@ from lookalike.evaluate import protocols
 from lookalike.evaluate.copies import EDITS, edited_copies, file_database, run_copies
 from lookalike.evaluate.extraction import extract_variants
 from lookalike.evaluate.metrics import compute_map
-from lookalike.evaluate.protocols import CALTECH_DISTRACTOR, EvalSet
+from lookalike.evaluate.protocols import CALTECH_DISTRACTOR, CALTECH_TWINS, EvalSet
 from lookalike.extract import DescriptorSettings, Extractor
 from lookalike.home import lookalike_home
 from lookalike.images import load_image
@@ -47,10 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 COPY_CHAINS = (
     "none", "aqe", "dba,aqe", "diffusion",
-    "sv:top=20", "sv:top=50", "sv", "sv:mirror=true",
-    "sv:features=sift", "aqe,sv", "diffusion,sv",
+    "sv:top=20", "sv:top=50", "sv", "sv:keypoints=512", "sv:features=sift", "aqe,sv",
 )  # fmt: skip
-FAMILY_CHAINS = ("none", "aqe", "diffusion", "sv", "sv:mirror=true", "sv:features=sift")
+FAMILY_CHAINS = ("none", "aqe", "sv", "sv:mirror=true", "sv:features=sift")
 CLASS_CHAINS = ("none", "aqe", "dba,aqe", "diffusion", "dba,diffusion")
 SMALL_CHAINS = ("none", "aqe", "diffusion:k=5,kq=3", "sv:top=10", "sv:top=10,features=sift")
 
@@ -68,7 +67,7 @@ def copies_benchmark(args: argparse.Namespace, extractor: Extractor) -> list[dic
     objects = np.flatnonzero([p.parent.name != CALTECH_DISTRACTOR for p in paths])
     counts = {"strong": args.queries, **{f: args.family_queries for f in EDITS if f != "strong"}}
     copies = edited_copies(paths, counts, args.seed, lookalike_home() / "bench-copies" / f"seed{args.seed}",
-                           eligible=objects)  # fmt: skip
+                           eligible=objects, twins=CALTECH_TWINS)  # fmt: skip
     print(f"{len(copies.paths)} edited copies among {len(paths)} photos", flush=True)
     xb = descriptors(extractor, paths)
     xq = descriptors(extractor, copies.paths)
@@ -78,11 +77,10 @@ def copies_benchmark(args: argparse.Namespace, extractor: Extractor) -> list[dic
     rows = []
     for subset, chains in (("strong", COPY_CHAINS), ("families", FAMILY_CHAINS)):
         chosen = np.flatnonzero(strong if subset == "strong" else ~strong)
-        part = type(copies)(tuple(copies.paths[i] for i in chosen), copies.sources[chosen],
-                            tuple(copies.edits[i] for i in chosen))  # fmt: skip
+        part = copies.subset(chosen)
         for text in chains:
             if text.startswith("sv") or ",sv" in text:
-                run_copies(parse_chain(text), database, xq[chosen[:1]], _first(part))  # warm the model
+                run_copies(parse_chain(text), database, xq[chosen[:1]], part.subset(np.arange(1)))  # warm-up
             result = run_copies(parse_chain(text), database, xq[chosen], part)
             rows.append({"set": subset, **result.__dict__})
             print(f"  {subset:8s} {text:22s} R@1 {result.recall_at_1:.3f} R@10 {result.recall_at_10:.3f} "
@@ -101,10 +99,6 @@ def warm_local_features(database: Any, xq: np.ndarray, depth: int) -> None:
         database.local.local_features(wanted, local_describer(name))
         print(f"  {name} features of {len(wanted)} shortlisted photos ready in "
               f"{time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
-
-
-def _first(copies: Any) -> Any:
-    return type(copies)(copies.paths[:1], copies.sources[:1], copies.edits[:1])
 
 
 def class_benchmark(args: argparse.Namespace, extractor: Extractor) -> list[dict[str, Any]]:

@@ -244,9 +244,9 @@ def test_damaged_stored_features_are_computed_again(
 def test_features_of_other_bounds_are_kept_apart(
     with_features: Collection, query: Path, described: list[tuple[int, int]]
 ) -> None:
-    """The stage's features (512 keypoints) are not the stored ones (1024): computed, never mixed."""
-    smaller = local_describer("sift", 512)
-    hits = with_features.search(query, k=3, rerank=f"{SV},keypoints=512")
+    """The stage's features (256 keypoints) are not the stored ones (512): computed, never mixed."""
+    smaller = local_describer("sift", 256)
+    hits = with_features.search(query, k=3, rerank=f"{SV},keypoints=256")
     assert hits[0].path == "motorcycle-left.jpg"
     assert len(described) == 1 + 12
     counts = with_features.info().local_features or {}

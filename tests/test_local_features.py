@@ -163,7 +163,7 @@ def test_features_refuse_mismatched_arrays() -> None:
         ((5000, 37), 640, 8),
     ],
 )
-def test_working_image_is_grey_bounded_and_of_multiples(
+def test_working_image_is_grey_resized_and_of_multiples(
     size: tuple[int, int], max_size: int, multiple: int
 ) -> None:
     grey = working_image(Image.new("RGB", size, (10, 200, 30)), max_size, multiple)
@@ -172,12 +172,11 @@ def test_working_image_is_grey_bounded_and_of_multiples(
     assert max(grey.size) <= max_size
     assert width % multiple == 0 and height % multiple == 0
     assert width >= multiple and height >= multiple
-    # shrunk, never enlarged (beyond the one multiple a side needs), and the aspect kept to a multiple
-    assert width <= max(size[0], multiple) and height <= max(size[1], multiple)
-    scale = min(1.0, max_size / max(size))
+    # resized (shrunk or enlarged) to the long side, the aspect kept to a multiple
+    scale = max_size / max(size)
     assert abs(width - size[0] * scale) <= multiple and abs(height - size[1] * scale) <= multiple
-    assert width <= max(multiple, size[0] * scale + 0.5) and height <= max(multiple, size[1] * scale + 0.5)
-    if multiple == 1 and max(size) <= max_size:
+    assert max(grey.size) > max_size - multiple or min(width, height) == multiple
+    if multiple == 1 and max(size) == max_size:
         assert grey.size == size
 
 
@@ -475,7 +474,7 @@ def test_auto_is_xfeat_when_its_weights_are_cached() -> None:
     describer = local_describer("auto")
     assert describer.name == "xfeat"
     assert describer.identity == local_describer("xfeat").identity
-    assert describer.identity.startswith("xfeat:") and ":k1024:s640:" in describer.identity
+    assert describer.identity.startswith("xfeat:") and ":k512:w640:" in describer.identity
 
 
 # -- features of files, kept ------------------------------------------------------------------------------

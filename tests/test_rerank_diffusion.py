@@ -16,6 +16,7 @@ from lookalike.rerank import (
     Ranking,
     affinity_graph,
     conjugate_gradient,
+    diffusion,
     knn_graph,
     parse_chain,
 )
@@ -56,9 +57,9 @@ def naive_diffusion(
     *,
     own: int = -1,
     k: int = 50,
-    kq: int = 10,
+    kq: int = diffusion.DEFAULT_KQ,
     gamma: float = 3.0,
-    alpha: float = 0.99,
+    alpha: float = diffusion.DEFAULT_ALPHA,
     truncate: int = 1000,
     mutual: bool = True,
 ) -> dict[int, float]:
@@ -207,11 +208,11 @@ def test_diffusion_follows_the_manifold_that_cosine_misses() -> None:
 
 
 def test_diffusion_parses_and_reads_back() -> None:
-    chain = parse_chain("diffusion:k=10,alpha=0.9")
-    assert chain.stages == (Diffusion(k=10, alpha=0.9),)
-    assert str(chain) == "diffusion:k=10,alpha=0.9"
+    chain = parse_chain("diffusion:k=10,alpha=0.5")
+    assert chain.stages == (Diffusion(k=10, alpha=0.5),)
+    assert str(chain) == "diffusion:k=10,alpha=0.5"
     assert parse_chain(str(chain)) == chain
-    assert Diffusion().depth(5) == 1000 and Diffusion(truncate=0).depth(5) == 11
+    assert Diffusion().depth(5) == 1000 and Diffusion(truncate=0).depth(5) == 5 and Diffusion(truncate=0, kq=10).depth(5) == 11
     assert parse_chain("diffusion:mutual=no").stages == (Diffusion(mutual=False),)
 
 
@@ -227,7 +228,7 @@ def test_diffusion_parses_and_reads_back() -> None:
         ("diffusion:alpha=-0.1", r"diffusion needs alpha in \[0, 1\)"),
         ("diffusion:iterations=0", "diffusion needs iterations from 1"),
         ("diffusion:truncate=-1", "diffusion needs truncate at least 0"),
-        ("diffusion:truncate=10", "truncate 0 .* or above kq"),
+        ("diffusion:truncate=3", "truncate 0 .* or above kq"),
         ("diffusion:mutual=maybe", "mutual must be true or false"),
         ("diffusion:beta=1", "diffusion has no option 'beta'"),
     ],
@@ -270,7 +271,7 @@ def test_a_database_smaller_than_k() -> None:
         assert ranking.ids.shape == (4, 5)
         for q, query in enumerate(QUERIES):
             assert sorted(ranking.ids[q]) == list(IDS[:5])
-            assert_ranks_by(ranking, q, naive_diffusion(query, DATABASE[:5], kq=10, **kwargs), IDS)
+            assert_ranks_by(ranking, q, naive_diffusion(query, DATABASE[:5], **kwargs), IDS)
 
 
 class GraphDatabase(ArrayDatabase):

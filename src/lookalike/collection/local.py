@@ -19,7 +19,14 @@ from typing import Any, Protocol
 from lookalike.collection import store
 from lookalike.collection.store import ImageRecord
 from lookalike.errors import ConfigError
-from lookalike.local import AUTO, LOCAL_FEATURES, check_local_features, local_describer
+from lookalike.local import (
+    AUTO,
+    DEFAULT_MAX_KEYPOINTS,
+    DEFAULT_MAX_SIZE,
+    LOCAL_FEATURES,
+    check_local_features,
+    local_describer,
+)
 from lookalike.local.cache import MemoryCache, describe_file
 from lookalike.local.features import LocalDescriber, LocalFeatures
 
@@ -33,8 +40,8 @@ class LocalFeatureSettings:
     """What ``index --local-features`` asks the collection to compute for every new image."""
 
     features: str
-    keypoints: int = 1024
-    size: int = 640
+    keypoints: int = DEFAULT_MAX_KEYPOINTS
+    size: int = DEFAULT_MAX_SIZE
 
     def __post_init__(self) -> None:
         if str(self.features).lower() == AUTO:

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from lookalike.errors import ConfigError
-from lookalike.images import load_image
+from lookalike.images import load_image, sha256_of_file
 from lookalike.local.cache import FileLocalFeatures
 from lookalike.rerank import ArrayDatabase, Chain
 from lookalike.rerank.base import LocalFeatureSource
@@ -53,11 +53,40 @@ EDITS: Final[dict[str, AugmentConfig]] = {
 
 @dataclass(frozen=True)
 class EditedCopies:
-    """Query files, the database row of each one's original, and the edit family that made it."""
+    """Query files, the database row of each one's original, the edit family that made it, and the rows
+    that are the same photo as each original (itself, byte-identical files, declared twins)."""
 
     paths: tuple[Path, ...]
     sources: np.ndarray
     edits: tuple[str, ...]
+    same: tuple[np.ndarray, ...] = ()
+
+    def subset(self, chosen: np.ndarray) -> EditedCopies:
+        return EditedCopies(
+            tuple(self.paths[i] for i in chosen),
+            self.sources[chosen],
+            tuple(self.edits[i] for i in chosen),
+            tuple(self.same[i] for i in chosen) if self.same else (),
+        )
+
+
+def same_photo(database: Sequence[Path], twins: dict[str, str] | None = None) -> list[np.ndarray]:
+    """For every database row, the rows holding the same photo: byte-identical files, and the file of the
+    same name in a twin folder (``twins``: folder name → folder name, both ways)."""
+    by_hash: dict[str, list[int]] = {}
+    for row, path in enumerate(database):
+        by_hash.setdefault(sha256_of_file(path), []).append(row)
+    groups = [set(rows) for rows in by_hash.values() for _ in rows]
+    owner = {row: group for group in groups for row in group}
+    at = {(p.parent.name, p.name): row for row, p in enumerate(database)}
+    both = {**(twins or {}), **{b: a for a, b in (twins or {}).items()}}
+    for row, path in enumerate(database):
+        twin = at.get((both.get(path.parent.name, ""), path.name))
+        if twin is not None:
+            merged = owner[row] | owner[twin]
+            for member in merged:
+                owner[member] = merged
+    return [np.array(sorted(owner[row]), np.int64) for row in range(len(database))]
 
 
 def edited_copies(
@@ -66,9 +95,12 @@ def edited_copies(
     seed: int,
     into: Path,
     eligible: np.ndarray | None = None,
+    twins: dict[str, str] | None = None,
 ) -> EditedCopies:
     """``counts[family]`` edited copies of distinct seeded database photos (drawn among ``eligible``
-    rows, default all), written as JPEG (quality 95) under ``into``; files already there are reused."""
+    rows, default all), written as JPEG (quality 95) under ``into``; files already there are reused.
+    Each copy's original, its byte-identical files and its ``twins`` (see :func:`same_photo`) are the
+    rows that count as finding it."""
     unknown = set(counts) - set(EDITS)
     if unknown:
         raise ConfigError(f"unknown edit families {sorted(unknown)}; known: {', '.join(EDITS)}")
@@ -91,7 +123,8 @@ def edited_copies(
             paths.append(path)
             edits.append(family)
             at += 1
-    return EditedCopies(tuple(paths), chosen.astype(np.int64), tuple(edits))
+    same = same_photo(database, twins)
+    return EditedCopies(tuple(paths), chosen.astype(np.int64), tuple(edits), tuple(same[r] for r in chosen))
 
 
 class LocalArrayDatabase(ArrayDatabase):
@@ -115,15 +148,19 @@ class CopyResult:
     chain: str
     recall_at_1: float
     recall_at_10: float
-    map: float  # mean of 1 / rank of the original (0 when it is not in the returned depth)
+    map: float  # mean AP of the same-photo rows within the returned depth
     ms_per_query: float
     per_edit: dict[str, float]  # recall@1 per edit family
 
 
-def true_ranks(ids: np.ndarray, sources: np.ndarray) -> np.ndarray:
-    """1-based rank of each query's source among its returned ids (0: not returned)."""
-    hits = ids == sources[:, None]
-    return np.where(hits.any(axis=1), hits.argmax(axis=1) + 1, 0)
+def true_ranks(ids: np.ndarray, same: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """1-based ranks, among each query's returned ids, of the rows that are its original photo."""
+    return [np.flatnonzero(np.isin(row, positives)) + 1 for row, positives in zip(ids, same, strict=True)]
+
+
+def copy_ap(ranks: np.ndarray, positives: int) -> float:
+    """Average precision of one query whose ``positives`` same-photo rows were returned at ``ranks``."""
+    return float(np.sum(np.arange(1, len(ranks) + 1) / ranks) / positives) if positives else 0.0
 
 
 def run_copies(
@@ -142,14 +179,16 @@ def run_copies(
     started = time.perf_counter()
     ranking = chain.search(database, queries, depth, pixels=pixels)
     seconds = time.perf_counter() - started
-    ranks = true_ranks(ranking.ids, copies.sources)
+    same = copies.same or tuple(np.array([s]) for s in copies.sources)
+    ranks = true_ranks(ranking.ids, same)
+    first = np.array([r[0] if len(r) else 0 for r in ranks])
     edits = np.array(copies.edits)
-    per_edit = {family: float(np.mean(ranks[edits == family] == 1)) for family in dict.fromkeys(copies.edits)}
+    per_edit = {family: float(np.mean(first[edits == family] == 1)) for family in dict.fromkeys(copies.edits)}
     return CopyResult(
         str(chain),
-        float(np.mean(ranks == 1)),
-        float(np.mean((ranks >= 1) & (ranks <= 10))),
-        float(np.mean(np.where(ranks > 0, 1.0 / np.maximum(ranks, 1), 0.0))),
+        float(np.mean(first == 1)),
+        float(np.mean((first >= 1) & (first <= 10))),
+        float(np.mean([copy_ap(r, len(p)) for r, p in zip(ranks, same, strict=True)])),
         1000 * seconds / len(queries),
         per_edit,
     )

@@ -15,7 +15,7 @@ from PIL import Image
 
 from lookalike.local.features import LocalFeatures, working_image
 
-DEFAULT_MAX_KEYPOINTS = 1024
+DEFAULT_MAX_KEYPOINTS = 512
 DEFAULT_MAX_SIZE = 640
 
 
@@ -28,7 +28,7 @@ def root_sift(descriptors: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SiftDescriber:
-    """OpenCV SIFT on the grey working image (long side ≤ ``max_size``), the ``max_keypoints`` strongest."""
+    """OpenCV SIFT on the grey working image (long side ``max_size``), the ``max_keypoints`` strongest."""
 
     max_keypoints: int = DEFAULT_MAX_KEYPOINTS
     max_size: int = DEFAULT_MAX_SIZE
@@ -39,7 +39,7 @@ class SiftDescriber:
 
     @property
     def identity(self) -> str:
-        return f"sift-rootsift:opencv{cv2.__version__.split('.')[0]}:k{self.max_keypoints}:s{self.max_size}"
+        return f"sift-rootsift:opencv{cv2.__version__.split('.')[0]}:k{self.max_keypoints}:w{self.max_size}"
 
     def describe(self, image: Image.Image) -> LocalFeatures:
         grey = working_image(image, self.max_size)

@@ -22,7 +22,7 @@ from torch import nn
 
 from lookalike.local.features import LocalFeatures, working_image
 
-DEFAULT_MAX_KEYPOINTS = 1024
+DEFAULT_MAX_KEYPOINTS = 512
 DEFAULT_MAX_SIZE = 640
 DEFAULT_THRESHOLD = 0.05
 MODEL_NAME = "xfeat.verlab"
@@ -110,7 +110,7 @@ def sample(maps: torch.Tensor, points: torch.Tensor, size: tuple[int, int], mode
 
 @dataclass
 class XFeatDescriber:
-    """XFeat sparse keypoints of an image bounded to ``max_size`` (sides multiples of 32): at most
+    """XFeat sparse keypoints of an image resized to a long side of ``max_size`` (sides multiples of 32): at most
     ``max_keypoints``, strongest first. ``net`` is the loaded network (:func:`lookalike.local.local_describer`)."""
 
     net: XFeatNet
@@ -126,7 +126,7 @@ class XFeatDescriber:
 
     @property
     def identity(self) -> str:
-        return f"xfeat:{self.weights_sha256[:12]}:k{self.max_keypoints}:s{self.max_size}:t{self.threshold:g}"
+        return f"xfeat:{self.weights_sha256[:12]}:k{self.max_keypoints}:w{self.max_size}:t{self.threshold:g}"
 
     @torch.inference_mode()
     def describe(self, image: Image.Image) -> LocalFeatures:

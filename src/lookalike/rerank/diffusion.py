@@ -28,9 +28,9 @@ from lookalike.rerank.base import Database, Ranking, as_matrix, exact_search
 from lookalike.rerank.registry import register
 
 DEFAULT_K: Final = 50
-DEFAULT_KQ: Final = 10
+DEFAULT_KQ: Final = 3  # kq and alpha chosen on Caltech-101 classes disjoint from the evaluated ones
 DEFAULT_GAMMA: Final = 3.0
-DEFAULT_ALPHA: Final = 0.99
+DEFAULT_ALPHA: Final = 0.9  # (benchmarks/diffusion_grid.py): held-out mAP 77.6 -> 82.4
 DEFAULT_ITERATIONS: Final = 20
 DEFAULT_TOLERANCE: Final = 1e-6
 DEFAULT_TRUNCATE: Final = 1000
