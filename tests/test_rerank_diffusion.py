@@ -212,7 +212,11 @@ def test_diffusion_parses_and_reads_back() -> None:
     assert chain.stages == (Diffusion(k=10, alpha=0.5),)
     assert str(chain) == "diffusion:k=10,alpha=0.5"
     assert parse_chain(str(chain)) == chain
-    assert Diffusion().depth(5) == 1000 and Diffusion(truncate=0).depth(5) == 5 and Diffusion(truncate=0, kq=10).depth(5) == 11
+    assert (
+        Diffusion().depth(5) == 1000
+        and Diffusion(truncate=0).depth(5) == 5
+        and Diffusion(truncate=0, kq=10).depth(5) == 11
+    )
     assert parse_chain("diffusion:mutual=no").stages == (Diffusion(mutual=False),)
 
 
