@@ -285,15 +285,13 @@ def augment(table: KnnTable, xb: np.ndarray, n: int, alpha: float) -> np.ndarray
 # -- the files ----------------------------------------------------------------------------------------------
 
 
+def _save(path: Path, basis: str, entries: Entries, **arrays: np.ndarray) -> None:
+    """A derived file: its format, what it was made from (``basis``, ``entries``) and its ``arrays``."""
+    save_npz_atomic(path, format=np.array(FORMAT), basis=np.array(basis), **arrays, **entries.arrays())
+
+
 def save_table(path: Path, table: KnnTable) -> None:
-    save_npz_atomic(
-        path,
-        format=np.array(FORMAT),
-        basis=np.array(table.basis),
-        neighbours=table.neighbours,
-        similarities=table.similarities,
-        **table.entries.arrays(),
-    )
+    _save(path, table.basis, table.entries, neighbours=table.neighbours, similarities=table.similarities)
 
 
 def load_table(path: Path) -> KnnTable | None:
@@ -314,15 +312,8 @@ def load_table(path: Path) -> KnnTable | None:
 
 
 def save_augmented(path: Path, found: AugmentedVectors) -> None:
-    save_npz_atomic(
-        path,
-        format=np.array(FORMAT),
-        basis=np.array(found.basis),
-        n=np.array(found.setting.n, np.int64),
-        alpha=np.array(found.setting.alpha, np.float64),
-        vectors=found.vectors,
-        **found.entries.arrays(),
-    )
+    n, alpha = np.array(found.setting.n, np.int64), np.array(found.setting.alpha, np.float64)
+    _save(path, found.basis, found.entries, n=n, alpha=alpha, vectors=found.vectors)
 
 
 def load_augmented(path: Path) -> AugmentedVectors | None:
